@@ -1,0 +1,575 @@
+"""One typed configuration tree for every opd_megatron job.
+
+A run is a :class:`RunConfig`: nested dataclasses, each field documented where it is declared. Configs
+come from Python (``examples/*.py`` return a ``RunConfig``), from YAML, and from dotted command-line
+overrides (``train.lr=3e-4``). Every user mistake raises :class:`ConfigError`, which names the field
+path, the bad value and what is allowed; unknown keys get a did-you-mean suggestion.
+
+Validation of a single section lives in its ``__post_init__`` and reports the field name relative to
+that section; :func:`from_dict` prefixes the path of the section, so the user always sees the full path
+(``parallel.tensor_model_parallel_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TokenizerConfig",
+    "ParallelConfig",
+    "TeacherConfig",
+    "LossConfig",
+    "RolloutConfig",
+    "TrainConfig",
+    "DataConfig",
+    "LaunchConfig",
+    "RunConfig",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error that names the offending field path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+    def with_prefix(self, prefix: str) -> ConfigError:
+        if not prefix:
+            return self
+        return ConfigError(f"{prefix}.{self.path}" if self.path else prefix, self.message)
+
+
+def _check(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(path, message)
+
+
+def _one_of(value: Any, allowed: tuple, path: str) -> None:
+    _check(value in allowed, path, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer a model uses. Built-in domains use the character tokenizer; other kinds load
+    locally trained files (no hub downloads)."""
+
+    kind: Literal["char", "sentencepiece", "tiktoken", "hf"] = "char"
+    """``char``: the built-in character tokenizer of the synthetic domains; ``sentencepiece``: a
+    ``.model`` file; ``tiktoken``: a mergeable-ranks file; ``hf``: a Hugging Face ``tokenizer.json``."""
+    path: str | None = None
+    """Tokenizer file for the non-``char`` kinds."""
+    chat_template: str = "plain"
+    """Name of the chat template in the template registry (``plain``, ``chatml``, ``llama3``, ``glm``)."""
+
+    def __post_init__(self):
+        _one_of(self.kind, ("char", "sentencepiece", "tiktoken", "hf"), "kind")
+        _check(self.kind == "char" or bool(self.path), "path", f"tokenizer kind {self.kind!r} needs a file path")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-style Megatron GPTModel (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int = 2
+    """Transformer layers; must be divisible by the pipeline-parallel size."""
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    """Query heads; must be divisible by the tensor-parallel size."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; ``None`` means one per query head (MHA)."""
+    ffn_hidden_size: int | None = None
+    """SwiGLU inner size; ``None`` gives Llama's ``round_up(8/3 * hidden, 16)``."""
+    vocab_size: int | None = None
+    """Real vocabulary size; ``None`` takes it from the tokenizer. Padded to a TP-divisible size."""
+    make_vocab_size_divisible_by: int = 16
+    """Pad the embedding to a multiple of this times the TP size (padding rows are never predicted)."""
+    max_sequence_length: int = 128
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    """Share the input embedding and the output layer."""
+    add_qkv_bias: bool = False
+    """Bias on the fused QKV projection (Qwen2 family)."""
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """``auto``: Transformer Engine when CUDA and TE are importable, else the local spec with SDPA."""
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    """FP8 training through Transformer Engine's delayed-scaling recipe; needs CUDA and TE."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
+            _check(int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size",
+            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
+        )
+        if self.num_query_groups is not None:
+            _check(
+                self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
+                "num_query_groups",
+                f"{self.num_query_groups} must divide num_attention_heads={self.num_attention_heads}",
+            )
+        if self.vocab_size is not None:
+            _check(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
+        _one_of(self.params_dtype, ("fp32", "bf16", "fp16"), "params_dtype")
+        _one_of(self.transformer_impl, ("auto", "local", "transformer_engine"), "transformer_impl")
+        _one_of(self.fp8, (None, "e4m3", "hybrid"), "fp8")
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return int(-(-(8 * self.hidden_size // 3) // 16) * 16)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    """Model parallel sizes. Data parallel is whatever remains of the world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """``auto``: nccl when CUDA is available, else gloo."""
+    timeout_s: int = 600
+    """Collective timeout; a hang fails after this long instead of stalling forever."""
+
+    def __post_init__(self):
+        _check(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
+        _check(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
+        _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher of an OPD / MOPD run."""
+
+    name: str = "teacher"
+    checkpoint: str | None = None
+    """Checkpoint directory (a Megatron distributed checkpoint written by this project)."""
+    placement: Literal["colocated", "remote", "self"] = "colocated"
+    """``colocated``: in-process Megatron model; ``remote``: scored over HTTP at ``url``; ``self``: the
+    student's own weights (self-distillation)."""
+    url: str | None = None
+    domains: list[str] = field(default_factory=list)
+    """Domains this teacher covers under specialty routing; empty means none in particular."""
+    weight: float = 1.0
+    """Mixture weight when teachers are mixed."""
+    tensor_model_parallel_size: int | None = None
+    """Teacher TP size (must divide the student's); ``None`` uses the student's."""
+    tokenizer: TokenizerConfig | None = None
+    """Teacher tokenizer when it differs from the student's (cross-tokeniser OPD)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    offload_when_idle: bool = False
+    """Keep the teacher's weights in CPU memory between scoring calls."""
+    self_mode: Literal["frozen", "ema", "refresh"] = "frozen"
+    """For ``placement: self``: frozen snapshot, EMA of the student, or periodic refresh."""
+    ema_rate: float = 0.99
+    refresh_every: int = 50
+
+    def __post_init__(self):
+        _check(bool(self.name), "name", "a teacher needs a non-empty name")
+        _one_of(self.placement, ("colocated", "remote", "self"), "placement")
+        if self.placement == "remote":
+            _check(bool(self.url), "url", f"teacher {self.name!r} is remote and needs a url")
+        if self.placement == "colocated":
+            _check(bool(self.checkpoint), "checkpoint", f"teacher {self.name!r} is colocated and needs a checkpoint")
+        _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        _check(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate}")
+        _one_of(self.dtype, ("fp32", "bf16"), "dtype")
+        _one_of(self.self_mode, ("frozen", "ema", "refresh"), "self_mode")
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective."""
+
+    divergence: str = "reverse_kl"
+    """Per-token divergence D(teacher, student): one of forward_kl, reverse_kl, jsd, skew_forward_kl,
+    skew_reverse_kl, tv."""
+    jsd_beta: float = 0.5
+    """Generalized JSD weight; beta=0 is forward KL(T||S), beta=1 is reverse KL(S||T) (see losses)."""
+    skew_alpha: float = 0.1
+    """DistiLLM skew: the second KL argument is alpha*p + (1-alpha)*q."""
+    temperature: float = 1.0
+    """Applied to both teacher and student logits; the sampler uses the same value."""
+    scale_by_t2: bool = False
+    """Multiply the loss by T^2 (Hinton) so gradient size does not shrink with T."""
+    chunk_size: int = 1024
+    """Tokens per chunk in the fused vocab-parallel loss."""
+    objective: Literal["divergence", "minillm", "tinker", "gopd", "aopd", "opsd", "rlsd"] = "divergence"
+    """``divergence``: full-vocab fused divergence; the others are sampled-token objectives."""
+    topk: int = 0
+    """> 0 uses the sparse top-k path (remote teachers return top-k log-probs)."""
+
+    def __post_init__(self):
+        _one_of(self.divergence, DIVERGENCES, "divergence")
+        _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
+        _check(0.0 <= self.skew_alpha < 1.0, "skew_alpha", f"must be in [0, 1), got {self.skew_alpha}")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
+        _check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
+
+
+@dataclass
+class RolloutConfig:
+    """Student sampling."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k filtering."""
+    stop: list[str] = field(default_factory=list)
+    samples_per_prompt: int = 1
+
+    def __post_init__(self):
+        _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and checkpointing."""
+
+    steps: int = 200
+    micro_batch_size: int = 16
+    """Sequences per forward/backward on one data-parallel rank."""
+    grad_accumulation: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 1234
+    eval_every: int = 50
+    eval_samples: int = 64
+    """Held-out prompts per domain for each evaluation."""
+    log_every: int = 10
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    output_dir: str = "runs/default"
+    resume: bool = True
+    """Resume from the latest checkpoint in ``output_dir`` when one exists."""
+    init_checkpoint: str | None = None
+    """Initial weights (a checkpoint directory) for a fresh run."""
+    progress: bool = True
+    """Show a live progress bar (disabled automatically when output is not a terminal)."""
+
+    def __post_init__(self):
+        _check(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
+        _check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
+        _check(self.grad_accumulation > 0, "grad_accumulation", f"must be > 0, got {self.grad_accumulation}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        _one_of(self.lr_schedule, ("cosine", "linear", "constant"), "lr_schedule")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Prompt data: the built-in synthetic domains and/or JSONL files."""
+
+    domains: list[str] = field(default_factory=lambda: ["addition", "reversal", "sorting"])
+    """Built-in domains to draw from (see ``opd_megatron.data.domains``)."""
+    train_path: str | None = None
+    """JSONL of training rows (``prompt``, ``domain``, optional ``reference``, ``privileged``)."""
+    eval_path: str | None = None
+    train_size: int = 2000
+    """Generated training rows per built-in domain."""
+    eval_size: int = 200
+    """Generated held-out rows per built-in domain (disjoint from training)."""
+    seed: int = 0
+    difficulty: int = 3
+    """Domain size knob (number of digits / characters)."""
+
+    def __post_init__(self):
+        from opd_megatron.data.domains import DOMAINS  # local import: data imports config
+
+        _check(bool(self.domains) or bool(self.train_path), "domains", "no built-in domains and no train_path")
+        for i, d in enumerate(self.domains):
+            _check(d in DOMAINS, f"domains[{i}]", f"unknown domain {d!r}; known: {', '.join(sorted(DOMAINS))}")
+        _check(self.train_size > 0 and self.eval_size > 0, "train_size", "sizes must be > 0")
+        _check(1 <= self.difficulty <= 12, "difficulty", f"must be in [1, 12], got {self.difficulty}")
+
+
+@dataclass
+class LaunchConfig:
+    """Where a run executes (used by ``opd-megatron launch``)."""
+
+    executor: Literal["local", "slurm"] = "local"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    """Processes per node (GPUs, or CPU ranks for a CPU run)."""
+    account: str | None = None
+    partition: str | None = None
+    time: str = "01:00:00"
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    job_dir: str = "runs/launch"
+    tunnel: Literal["local", "ssh"] = "local"
+    host: str | None = None
+    user: str | None = None
+
+    def __post_init__(self):
+        _one_of(self.executor, ("local", "slurm"), "executor")
+        _check(self.nodes >= 1, "nodes", "must be >= 1")
+        _check(self.gpus_per_node >= 1, "gpus_per_node", "must be >= 1")
+        if self.tunnel == "ssh":
+            _check(bool(self.host), "host", "an ssh tunnel needs a host")
+
+
+@dataclass
+class RunConfig:
+    """The root of the tree: everything one job needs."""
+
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self):
+        tp, pp = self.parallel.tp, self.parallel.pp
+        _check(
+            self.model.num_attention_heads % tp == 0,
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} does not divide model.num_attention_heads={self.model.num_attention_heads}",
+        )
+        _check(
+            self.model.query_groups % tp == 0,
+            "parallel.tensor_model_parallel_size",
+            f"TP={tp} does not divide the key/value heads ({self.model.query_groups})",
+        )
+        _check(
+            self.model.num_layers % pp == 0,
+            "parallel.pipeline_model_parallel_size",
+            f"PP={pp} does not divide model.num_layers={self.model.num_layers}",
+        )
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, "teachers", f"teacher names must be unique; repeated: {', '.join(dup)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# ----------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Coerce ``value`` (from YAML or an override) to the annotated type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(path, "; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"got {value!r}; allowed: {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        _, v_tp = args or (Any, Any)
+        return {str(k): _convert(v, v_tp, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, f"expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(path, f"expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(path, f"unsupported type {_type_name(tp)}")  # internal: a field type we do not handle
+
+
+def _unknown_key(cls: type, key: str, path: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+    return ConfigError(f"{path}.{key}" if path else key, f"unknown key for {cls.__name__}{hint}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(cls, str(key), path)
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}" if path else key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.with_prefix(path) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (for YAML and checkpoints)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a plain mapping (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if part.isdigit() and isinstance(node, list):
+                idx = int(part)
+                if idx >= len(node):
+                    raise ConfigError(".".join(parts[: i + 1]), f"index {idx} out of range (list has {len(node)})")
+                node = node[idx]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict | list):
+                    raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a field inside it")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: RunConfig | None = None
+) -> RunConfig:
+    """Load a RunConfig from YAML (or start from ``base``/defaults) and apply dotted overrides."""
+    data: dict = to_dict(base) if base is not None else {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("", f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("", f"{p}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("", f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = _deep_merge(data, loaded)
+    apply_overrides(data, list(overrides or []))
+    return from_dict(RunConfig, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,71 @@
+"""Make Megatron-core's CUDA assumptions harmless on a CPU-only machine.
+
+Megatron-core runs forward/backward on CPU with gloo, but three places assume CUDA exists. This module
+patches exactly those, and only when ``torch.cuda.is_available()`` is False, so GPU runs are untouched.
+It is idempotent; :func:`opd_megatron.distributed.init_distributed` calls it.
+
+Patched, and why each is safe on CPU:
+
+1. ``torch.cuda.synchronize`` -> no-op. ``dist_checkpointing.save`` synchronises the device before
+   writing; on CPU every op is already synchronous, so there is nothing to wait for.
+2. ``torch.cuda.current_device`` -> ``torch.device("cpu")``. RoPE and some buffers allocate with
+   ``device=torch.cuda.current_device()``; on CPU the right device for those tensors is the CPU.
+3. ``megatron.core.pipeline_parallel.schedules.torch`` -> a proxy whose ``zeros(device="cuda")`` gives a
+   CPU tensor. The 1F1B schedules allocate their receive buffers with a hard-coded ``device="cuda"``;
+   the proxy forwards every other attribute to ``torch`` unchanged, and the patch is scoped to that
+   module, so no other code sees a changed ``torch``.
+4. The same proxy for ``megatron.core.pipeline_parallel.p2p_communication``, which also allocates
+   receive buffers on ``torch.cuda.current_device()`` (covered by 2) and, in some versions, "cuda".
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+_ACTIVE = False
+
+
+class _CpuTorchProxy(types.ModuleType):
+    """``torch`` as seen by the pipeline schedules: identical except that CUDA allocations land on CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _cpu(device):
+        if device is None:
+            return None
+        dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        return torch.device("cpu") if dev.type == "cuda" else dev
+
+    def zeros(self, *args, device=None, **kwargs):
+        return torch.zeros(*args, device=self._cpu(device), **kwargs)
+
+    def empty(self, *args, device=None, **kwargs):
+        return torch.empty(*args, device=self._cpu(device), **kwargs)
+
+    def tensor(self, *args, device=None, **kwargs):
+        return torch.tensor(*args, device=self._cpu(device), **kwargs)
+
+
+def activate_cpu_compat() -> bool:
+    """Install the CPU patches when CUDA is absent. Returns True when they are active."""
+    global _ACTIVE
+    if torch.cuda.is_available():
+        return False
+    if _ACTIVE:
+        return True
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # 1
+    torch.cuda.current_device = lambda: torch.device("cpu")  # 2
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+
+    schedules.torch = _CpuTorchProxy("torch")  # 3
+    p2p_communication.torch = _CpuTorchProxy("torch")  # 4
+    _ACTIVE = True
+    return True
+
+
+def cpu_compat_active() -> bool:
+    return _ACTIVE

@@ -1,0 +1,120 @@
+"""Process-group setup: torch.distributed and Megatron's parallel_state.
+
+This package is the only place that touches Megatron's parallel_state globals. Everything else receives
+a :class:`ParallelGroups` (and, for Megatron modules, the ``ProcessGroupCollection`` inside it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from opd_megatron.config import ConfigError, ParallelConfig
+from opd_megatron.distributed.cpu_compat import activate_cpu_compat
+
+
+@dataclass
+class ParallelGroups:
+    """Handles to the process groups of one rank, passed explicitly to library code."""
+
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def global_rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return dist.get_rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGroups:
+    """Initialise torch.distributed (from torchrun's env, or a single local process) and Megatron's
+    model-parallel groups. Safe to call again in the same process with the same sizes."""
+    cuda = torch.cuda.is_available()
+    activate_cpu_compat()
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("parallel.backend", "nccl needs CUDA; use gloo (or auto) on a CPU machine")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # single process without torchrun
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
+    world = dist.get_world_size()
+    tp, pp = parallel.tp, parallel.pp
+    if world % (tp * pp) != 0:
+        raise ConfigError(
+            "parallel",
+            f"world size {world} is not divisible by TP*PP = {tp}*{pp}; launch a multiple of {tp * pp} processes",
+        )
+
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp:
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # Megatron's RNG tracker gives TP ranks different dropout/init streams where they must differ.
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelGroups(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=pp,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+        pg_collection=pgs,
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
