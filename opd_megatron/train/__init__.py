@@ -1,0 +1,1 @@
+"""Training loops (SFT, OPD), evaluation, metrics and preemption handling."""

@@ -1,0 +1,212 @@
+"""Graceful preemption: turn SIGTERM / SIGUSR1 into "save a checkpoint, then stop (and requeue)".
+
+Clusters stop jobs with a signal and a grace period: SLURM sends SIGTERM on preemption and ``scancel``
+(``KillWait`` seconds before SIGKILL), and ``#SBATCH --signal=USR1@120`` sends SIGUSR1 that long before
+the time limit. A signal handler must not save a Megatron checkpoint itself (it would run in the middle
+of a collective), so the handler only sets a flag; the trainer polls it once per step.
+
+Contract with the trainer::
+
+    handler = PreemptionHandler.install()          # before the training loop, in every rank
+    for step in ...:
+        train_step(...)
+        if handler.sync(group):                    # all ranks agree on the same step
+            path = save_checkpoint(...)            # collective save, as for a periodic checkpoint
+            handler.finish(path)                   # NoReturn
+
+:meth:`PreemptionHandler.finish` then does, on the global main rank only:
+
+* under SLURM (``SLURM_JOB_ID`` set) when the job may be requeued (``scontrol show job`` reports
+  ``Requeue=1``, i.e. ``sbatch --requeue`` or the cluster default ``JobRequeue=1``): run
+  ``scontrol requeue $SLURM_JOB_ID``. SLURM ends this run and puts the *same* job id back in the
+  queue; when it starts again, ``SLURM_RESTART_COUNT`` is set and the trainer resumes from the latest
+  checkpoint (``train.resume: true``). The job must therefore write its output with
+  ``--open-mode=append`` to keep the first run's log. A job the user cancelled with plain ``scancel``
+  is already CANCELLED, so its requeue is refused and it stays cancelled, as the user asked.
+* otherwise: nothing; the caller (a person, a wrapper script) sees the exit code and reruns.
+
+Every rank then exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` of sysexits.h: "temporary
+failure, retry"), so a stop after a signal is never mistaken for a finished run (0) or a crash (1).
+Under torchrun, torchrun itself reports the workers' exit as a failure and exits non-zero.
+
+torchrun and signals: the torchrun agent forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers and
+SIGKILLs them 30 s later; SIGUSR1 *kills torchrun* unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it.
+The launchers in ``opd_megatron.launch`` and ``slurm/`` set that variable; a save that takes longer
+than 30 s needs the signal sent straight to the workers instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+__all__ = [
+    "DEFAULT_SIGNALS",
+    "EXIT_PREEMPTED",
+    "PreemptionHandler",
+    "request_slurm_requeue",
+    "slurm_job_id",
+    "slurm_requeue_allowed",
+]
+
+EXIT_PREEMPTED = 75
+"""Exit code of a run that stopped on a signal after saving its checkpoint (sysexits ``EX_TEMPFAIL``)."""
+
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+_SCONTROL_TIMEOUT_S = 30
+
+
+def slurm_job_id() -> str | None:
+    """The id of the enclosing SLURM job, or None outside SLURM."""
+    # Array tasks are requeued by their own id, which SLURM_JOB_ID already is.
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_requeue_allowed(job_id: str) -> bool:
+    """Whether SLURM would accept ``scontrol requeue`` for this job (``Requeue=1`` in its record)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id],
+            capture_output=True,
+            text=True,
+            timeout=_SCONTROL_TIMEOUT_S,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(tok == "Requeue=1" for tok in out.split())
+
+
+def request_slurm_requeue(job_id: str) -> bool:
+    """Ask SLURM to requeue ``job_id``. Returns True when ``scontrol`` accepted it."""
+    try:
+        proc = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=_SCONTROL_TIMEOUT_S
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"[preemption] scontrol requeue {job_id} failed: {e}", file=sys.stderr, flush=True)
+        return False
+    if proc.returncode != 0:
+        print(
+            f"[preemption] scontrol requeue {job_id} refused: {proc.stderr.strip() or proc.stdout.strip()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
+
+
+class PreemptionHandler:
+    """Records that a stop signal arrived; the training loop decides when to act on it.
+
+    Use :meth:`install` (not the constructor) so the previous handlers are kept for :meth:`uninstall`.
+    """
+
+    def __init__(self, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS):
+        self.signals: tuple[signal.Signals, ...] = tuple(signal.Signals(s) for s in signals)
+        self._event = threading.Event()
+        self._received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    @classmethod
+    def install(cls, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS) -> PreemptionHandler:
+        """Install handlers for ``signals`` (main thread only, as Python requires) and return them."""
+        handler = cls(signals)
+        for sig in handler.signals:
+            handler._previous[sig] = signal.signal(sig, handler._on_signal)
+        return handler
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were active before :meth:`install`."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only set a flag: the interrupted code may be inside a collective or a file write.
+        if self._received is None:
+            self._received = signal.Signals(signum)
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal reached this process (or :meth:`sync` learnt of one on another rank)."""
+        return self._event.is_set()
+
+    @property
+    def received_signal(self) -> signal.Signals | None:
+        """The first signal this process received, if any."""
+        return self._received
+
+    def request(self) -> None:
+        """Ask for a stop as if a signal had arrived (tests, or a trainer's own deadline)."""
+        self._event.set()
+
+    def sync(self, group: object | None = None) -> bool:
+        """Agree across ranks whether to stop now: True on every rank if any rank was signalled.
+
+        SLURM signals the processes of a job at slightly different times, so one rank can see the
+        flag a step before another; acting on the local flag alone would leave the others waiting in
+        the next step's collective. Costs one scalar all-reduce; without torch.distributed it is just
+        :attr:`requested`.
+        """
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+        )
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if int(flag.item()):
+            self._event.set()
+        return self.requested
+
+    def finish(self, checkpoint: str | Path | None = None, *, rank: int | None = None) -> NoReturn:
+        """Stop after the checkpoint is saved: requeue under SLURM (main rank), then exit.
+
+        Call it on every rank after the collective save has returned everywhere. ``rank`` defaults to the
+        torch.distributed global rank (0 without torch.distributed). Exits with :data:`EXIT_PREEMPTED`.
+        """
+        if rank is None:
+            rank = _global_rank()
+        sig = self._received.name if self._received is not None else "a stop request"
+        if rank == 0:
+            where = f" after saving {checkpoint}" if checkpoint is not None else ""
+            print(f"[preemption] stopping on {sig}{where}", file=sys.stderr, flush=True)
+            job = slurm_job_id()
+            if job is not None:
+                if slurm_requeue_allowed(job):
+                    if request_slurm_requeue(job):
+                        print(f"[preemption] requeued SLURM job {job}", file=sys.stderr, flush=True)
+                else:
+                    print(
+                        f"[preemption] SLURM job {job} does not allow requeue (submit with --requeue); "
+                        "resubmit it to resume",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.exit(EXIT_PREEMPTED)
+
+
+def _global_rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return 0
