@@ -84,7 +84,9 @@ class TokenizerConfig:
 
     def __post_init__(self):
         _one_of(self.kind, ("char", "sentencepiece", "tiktoken", "hf"), "kind")
-        _check(self.kind == "char" or bool(self.path), "path", f"tokenizer kind {self.kind!r} needs a file path")
+        _check(
+            self.kind == "char" or bool(self.path), "path", f"tokenizer kind {self.kind!r} needs a file path"
+        )
 
 
 @dataclass
@@ -120,7 +122,9 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
-            _check(int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}")
+            _check(
+                int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}"
+            )
         _check(
             self.hidden_size % self.num_attention_heads == 0,
             "hidden_size",
@@ -208,7 +212,11 @@ class TeacherConfig:
         if self.placement == "remote":
             _check(bool(self.url), "url", f"teacher {self.name!r} is remote and needs a url")
         if self.placement == "colocated":
-            _check(bool(self.checkpoint), "checkpoint", f"teacher {self.name!r} is colocated and needs a checkpoint")
+            _check(
+                bool(self.checkpoint),
+                "checkpoint",
+                f"teacher {self.name!r} is colocated and needs a checkpoint",
+            )
         _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
         _check(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate}")
         _one_of(self.dtype, ("fp32", "bf16"), "dtype")
@@ -336,9 +344,13 @@ class DataConfig:
     def __post_init__(self):
         from opd_megatron.data.domains import DOMAINS  # local import: data imports config
 
-        _check(bool(self.domains) or bool(self.train_path), "domains", "no built-in domains and no train_path")
+        _check(
+            bool(self.domains) or bool(self.train_path), "domains", "no built-in domains and no train_path"
+        )
         for i, d in enumerate(self.domains):
-            _check(d in DOMAINS, f"domains[{i}]", f"unknown domain {d!r}; known: {', '.join(sorted(DOMAINS))}")
+            _check(
+                d in DOMAINS, f"domains[{i}]", f"unknown domain {d!r}; known: {', '.join(sorted(DOMAINS))}"
+            )
         _check(self.train_size > 0 and self.eval_size > 0, "train_size", "sizes must be > 0")
         _check(1 <= self.difficulty <= 12, "difficulty", f"must be in [1, 12], got {self.difficulty}")
 
@@ -452,7 +464,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                path, f"expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
         return from_dict(tp, value, path)
     if tp is bool:
         if isinstance(value, bool):
@@ -534,12 +548,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if part.isdigit() and isinstance(node, list):
                 idx = int(part)
                 if idx >= len(node):
-                    raise ConfigError(".".join(parts[: i + 1]), f"index {idx} out of range (list has {len(node)})")
+                    raise ConfigError(
+                        ".".join(parts[: i + 1]), f"index {idx} out of range (list has {len(node)})"
+                    )
                 node = node[idx]
             else:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict | list):
-                    raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a field inside it")
+                    raise ConfigError(
+                        ".".join(parts[: i + 1]), "is not a section; cannot set a field inside it"
+                    )
         node[parts[-1]] = _parse_scalar(raw)
     return data
 

@@ -3,4 +3,10 @@
 from opd_megatron.distributed.cpu_compat import activate_cpu_compat, cpu_compat_active
 from opd_megatron.distributed.setup import ParallelGroups, destroy_distributed, init_distributed
 
-__all__ = ["ParallelGroups", "activate_cpu_compat", "cpu_compat_active", "destroy_distributed", "init_distributed"]
+__all__ = [
+    "ParallelGroups",
+    "activate_cpu_compat",
+    "cpu_compat_active",
+    "destroy_distributed",
+    "init_distributed",
+]

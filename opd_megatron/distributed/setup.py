@@ -33,6 +33,8 @@ class ParallelGroups:
     dp_size: int
     device: torch.device
     pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+    embd_group: dist.ProcessGroup | None = None
+    """First and last pipeline stage of this TP/DP slice: where tied embeddings live twice."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -85,9 +87,10 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    if ps.model_parallel_is_initialized():
-        if ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp:
-            ps.destroy_model_parallel()
+    if ps.model_parallel_is_initialized() and (
+        ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp
+    ):
+        ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     # Megatron's RNG tracker gives TP ranks different dropout/init streams where they must differ.
@@ -108,6 +111,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
         dp_size=ps.get_data_parallel_world_size(),
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
         pg_collection=pgs,
+        embd_group=ps.get_embedding_group(check_initialized=False) if pp > 1 else None,
     )
 
 

@@ -1,0 +1,111 @@
+"""``opd-megatron`` command line. The only module (with ``launch``) that reads argv or the environment.
+
+Every subcommand takes an optional YAML config and dotted overrides (``train.lr=3e-4``). Configuration
+errors are printed without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from opd_megatron.config import ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def _quiet_warnings() -> None:
+    # Megatron-core warns about optional CUDA packages (apex) that a CPU run never needs.
+    for pattern in ("Apex is not installed", "full scope is deprecated", ".*cuda_graph_scope.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML run config (defaults when omitted)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.lr=3e-4 parallel.tensor_model_parallel_size=2",
+    )
+
+
+def _split_config(args) -> tuple[str | None, list[str]]:
+    # argparse cannot tell "config.yaml" from "train.lr=1" positionally; an "=" marks an override.
+    cfg, overrides = args.config, list(args.overrides)
+    if cfg is not None and "=" in cfg:
+        cfg, overrides = None, [cfg, *overrides]
+    return cfg, overrides
+
+
+def cmd_sft(args) -> int:
+    from opd_megatron.train.sft import run_sft
+
+    path, overrides = _split_config(args)
+    cfg = load_config(path, overrides)
+    result = run_sft(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from opd_megatron.train.report import print_table
+
+        print_table(
+            f"SFT {cfg.name}: held-out exact match",
+            ["domain", "before", "after"],
+            [
+                [d, f"{result.eval_before.get(d, float('nan')):.3f}", f"{v:.3f}"]
+                for d, v in result.eval_after.items()
+            ],
+        )
+        print(f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from opd_megatron.train.demo import run_demo
+
+    path, overrides = _split_config(args)
+    return run_demo(path, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd-megatron", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sft", help="supervised fine-tuning (the specialise stage)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sft)
+    p = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_demo)
+    try:
+        from opd_megatron.launch.cli import add_launch_parser
+
+        add_launch_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_warnings()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # user-facing data/checkpoint errors: no traceback, a clear message
+        from opd_megatron.data.jsonl import DataError
+        from opd_megatron.models.checkpoint import CheckpointError
+        from opd_megatron.tokenization.base import TokenizerError
+
+        if isinstance(e, DataError | CheckpointError | TokenizerError):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for the local layer spec.
+
+Megatron-core's local ``DotProductAttention`` allocates a buffer with ``torch.cuda.current_device()``;
+this module replaces it in the spec (``submodules.core_attention``) so the same GPTModel runs on CPU and
+GPU. SDPA dispatches to flash / memory-efficient kernels on CUDA and a fused C++ kernel on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal (optionally padded) multi-head / grouped-query attention.
+
+    Inputs follow Megatron's layout: query ``[sq, b, heads, d]``, key/value ``[sk, b, groups, d]``
+    (``sk >= sq`` when decoding against a KV cache). ``attention_mask``, when given, is Megatron's
+    boolean mask ``[b or 1, 1, sq or 1, sk]`` with True meaning "do not attend"; it is combined with the
+    causal mask.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **kwargs):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+        self.dropout_p = config.attention_dropout
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences need the Transformer Engine attention spec")
+        q_BHSD, k_BHSD, v_BHSD = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        heads, groups = q_BHSD.shape[1], k_BHSD.shape[1]
+        sq, sk = q_BHSD.shape[2], k_BHSD.shape[2]
+        if groups != heads:  # GQA: each key/value head serves heads // groups query heads
+            k_BHSD = k_BHSD.repeat_interleave(heads // groups, dim=1)
+            v_BHSD = v_BHSD.repeat_interleave(heads // groups, dim=1)
+        dropout = self.dropout_p if self.training else 0.0
+        if attention_mask is None and sq == sk:
+            out_BHSD = F.scaled_dot_product_attention(
+                q_BHSD, k_BHSD, v_BHSD, is_causal=True, dropout_p=dropout, scale=self.softmax_scale
+            )
+        else:
+            # Queries are the last sq positions of the sk keys (decode against a cache): the causal mask
+            # is aligned bottom-right, which is_causal=True (top-left) would get wrong.
+            allowed_SK = torch.ones(sq, sk, dtype=torch.bool, device=q_BHSD.device).tril(diagonal=sk - sq)
+            if attention_mask is not None:
+                allowed_SK = allowed_SK & ~attention_mask
+            out_BHSD = F.scaled_dot_product_attention(
+                q_BHSD, k_BHSD, v_BHSD, attn_mask=allowed_SK, dropout_p=dropout, scale=self.softmax_scale
+            )
+        # [b, h, sq, d] -> [sq, b, h*d], the layout Megatron's output projection expects.
+        return out_BHSD.permute(2, 0, 1, 3).reshape(sq, out_BHSD.shape[0], -1)

@@ -1,0 +1,142 @@
+"""Build Llama-style Megatron-core GPTModels from a :class:`ModelConfig`.
+
+Llama style: RMSNorm, SwiGLU MLP without biases, rotary position embeddings, grouped-query attention,
+optionally tied embeddings and (Qwen2) a bias on the QKV projection. The vocabulary is padded so each
+tensor-parallel rank holds an equal shard; padded rows are masked out by the losses and the sampler.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from opd_megatron.config import ModelConfig
+from opd_megatron.distributed import ParallelGroups
+from opd_megatron.models.specs import build_layer_spec, resolve_impl
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Smallest multiple of ``divisible_by * tp_size`` that holds ``vocab_size`` entries."""
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_transformer_config(cfg: ModelConfig, groups: ParallelGroups, params_dtype: str | None = None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[params_dtype or cfg.params_dtype]
+    cuda = torch.cuda.is_available()
+    kwargs = {}
+    if cfg.fp8 is not None:
+        kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.query_groups,
+        ffn_hidden_size=cfg.ffn_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not cuda,
+        # The loss function normalises by the global token count itself (see train.loop).
+        calculate_per_token_loss=True,
+        # Fusions need CUDA extensions; the TE spec brings its own.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        **kwargs,
+    )
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    groups: ParallelGroups,
+    vocab_size: int | None = None,
+    *,
+    seed: int | None = None,
+    frozen: bool = False,
+    params_dtype: str | None = None,
+):
+    """Build this rank's GPTModel stage.
+
+    ``vocab_size`` is the real vocabulary (from the tokenizer) when ``cfg.vocab_size`` is unset; the
+    embedding is padded to a TP-divisible size and the real size is kept as ``model.real_vocab_size``.
+    ``frozen`` builds a teacher: no gradients, eval mode (``params_dtype="bf16"`` halves its memory).
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    real_vocab = cfg.vocab_size or vocab_size
+    if real_vocab is None:
+        raise ValueError("the vocabulary size must come from model.vocab_size or the tokenizer")
+    resolve_impl(cfg)  # raises a ConfigError for FP8 without TE/CUDA before anything is allocated
+    tconfig = build_transformer_config(cfg, groups, params_dtype)
+    if seed is not None:
+        torch.manual_seed(seed)
+    padded = padded_vocab_size(real_vocab, cfg.make_vocab_size_divisible_by, groups.tp_size)
+    ctx = torch.device("cuda") if torch.cuda.is_available() else nullcontext()
+    with ctx:
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=build_layer_spec(cfg),
+            vocab_size=padded,
+            max_sequence_length=cfg.max_sequence_length,
+            pre_process=groups.is_first_stage,
+            post_process=groups.is_last_stage,
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rotary_base),
+            pg_collection=groups.pg_collection,
+        )
+    model.real_vocab_size = real_vocab
+    model.padded_vocab_size = padded
+    if frozen:
+        freeze(model)
+    return model
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Teacher mode: no parameter takes a gradient and dropout is off."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def output_weight(model) -> torch.Tensor:
+    """This rank's output-layer shard ``[V/tp, H]`` (the embedding when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
+def vocab_shard_range(model, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """Global vocabulary indices ``[start, end)`` held by this TP rank."""
+    per_rank = model.padded_vocab_size // tp_size
+    return tp_rank * per_rank, (tp_rank + 1) * per_rank
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

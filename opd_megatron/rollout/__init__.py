@@ -1,0 +1,1 @@
+"""Student rollouts: batched generation on Megatron GPTModels at any TP/PP."""

@@ -1,0 +1,89 @@
+"""One optimizer step over micro-batches through Megatron-core's pipeline schedules.
+
+The same function serves SFT and OPD: the caller supplies micro-batches and a ``loss_fn`` that maps the
+last stage's output to a summed loss. The step divides by the global token count itself, so the result is
+correct under gradient accumulation and data parallelism (DP gradients are summed, see
+``distributed.grads``). A non-finite loss or gradient norm on any rank skips the optimizer step on all
+ranks and leaves the parameters untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from opd_megatron.distributed import ParallelGroups
+from opd_megatron.distributed.grads import all_finite, clip_grads, grad_norm, sync_grads
+from opd_megatron.distributed.pipeline import broadcast_from_last_stage
+
+
+def forward_backward(
+    model,
+    microbatches: list[dict],
+    forward_fn: Callable[[object, dict], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]],
+    groups: ParallelGroups,
+    global_tokens: int,
+    metric_keys: tuple[str, ...] = (),
+    forward_only: bool = False,
+) -> tuple[float, dict[str, float]]:
+    """Run all micro-batches; returns (loss summed over tokens / global_tokens, summed metrics).
+
+    ``forward_fn(model, mb)`` returns the stage output; on the last stage ``loss_fn(output, mb)`` returns
+    ``(loss_sum, metrics)``: the loss summed over the micro-batch's tokens and detached sums for each of
+    ``metric_keys`` (token counts, KL sums, ...). Both come back summed over micro-batches and DP ranks,
+    on every rank (the last pipeline stage broadcasts them).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    norm = float(max(global_tokens, 1))
+    keys = ("loss_sum", *metric_keys)
+
+    def step_fn(data_iter, model_chunk):
+        mb = next(data_iter)
+        out = forward_fn(model_chunk, mb)
+
+        def loss_func(output):
+            loss_sum, metrics = loss_fn(output, mb)
+            metrics = dict(metrics, loss_sum=loss_sum)
+            packed = torch.stack([torch.as_tensor(metrics[k]).detach().double().reshape(()) for k in keys])
+            return loss_sum / norm, torch.tensor(1, dtype=torch.int), packed
+
+        return out, loss_func
+
+    fb = get_forward_backward_func(pp_size=groups.pp_size)
+    results = fb(
+        forward_step_func=step_fn,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=microbatches[0]["tokens"].shape[1],
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+        pg_collection=groups.pg_collection,
+    )
+    sums = None
+    if groups.is_last_stage:
+        sums = torch.stack(list(results)).sum(0).to(groups.device)  # [len(keys)]
+        if groups.dp_size > 1:
+            dist.all_reduce(sums, group=groups.dp_group)
+    sums = broadcast_from_last_stage(sums, (len(keys),), torch.float64, groups)
+    values = dict(zip(keys, sums.tolist()))
+    return values.pop("loss_sum") / norm, values
+
+
+def optimizer_step(
+    model, optimizer: torch.optim.Optimizer, groups: ParallelGroups, loss: float, max_norm: float
+) -> tuple[float, bool]:
+    """Synchronise, check, clip and apply gradients. Returns (grad norm, skipped)."""
+    sync_grads(model, groups)
+    norm = grad_norm(model, groups)
+    if not all_finite(loss, groups) or not all_finite(norm, groups):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, True
+    clip_grads(model, max_norm, norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, False
