@@ -1,0 +1,466 @@
+r"""Fused linear, vocab-parallel divergence: the lm-head matmul and the distillation loss in one pass.
+
+The student's output layer is a ColumnParallelLinear: rank ``r`` holds rows ``[r V/n, (r+1) V/n)`` of
+the weight. Instead of materialising logits ``[T, V]`` (or even ``[T, V/n]``) this loss walks over
+chunks of ``C`` tokens and, per chunk,
+
+1. computes the chunk's logits shard ``h_C @ W^T`` (and the teacher's, or slices the teacher's
+   given logits shard), upcast to fp32, divided by the temperature;
+2. gets each side's log-normaliser: all-reduce the max over the TP group, then the sum of
+   ``exp(logit - max)``; ``lse = max + log(sum)``;
+3. sums the divergence terms of its vocabulary shard (:mod:`~opd_megatron.losses.pointwise`); the
+   per-token partial sums are all-reduced once at the end.
+
+Only per-token statistics are kept (``lse`` of both sides, the divergence): backward recomputes each
+chunk's logits and forms ``dD/ds = g - q * sum(g)`` (one all-reduce of ``[C]`` per chunk), then
+``grad_h = dD/ds @ W`` (all-reduced over TP, since every rank's shard contributes) and
+``grad_W += dD/ds^T @ h``. Peak extra memory is a handful of ``[C, V/n]`` fp32 buffers plus the
+``[V/n, H]`` fp32 weight-gradient accumulator, on every rank, whatever ``T`` is.
+
+``recompute=False`` instead computes the gradients during forward, right after the loss of each
+chunk, and keeps ``grad_h`` ``[T, H]`` and ``grad_W`` ``[V/n, H]`` until backward (as Liger's chunked
+losses do). That saves the two recomputed matmuls (student and teacher logits) at the cost of holding
+the weight gradient between forward and backward. Use it when the loss is backpropagated right away.
+
+Tokens with mask weight 0 are dropped before any matmul (prompt tokens cost nothing), so an all-masked
+batch gives a zero loss and zero gradients. Padded vocabulary rows (global index >= ``vocab_size``)
+are excluded on both sides: their logits are never computed and their weight gradient is 0.
+
+Inputs in bf16/fp16: the matmuls run in the input dtype (fp32 accumulation inside the GEMM) and the
+logits are upcast; softmax, divergence, per-token sums and the weight-gradient accumulation across
+chunks are fp32 (fp64 for fp64 inputs, which is what gradcheck uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from opd_megatron.losses.divergences import check_divergence
+from opd_megatron.losses.pointwise import pointwise
+from opd_megatron.losses.tp import all_reduce, tp_size, vocab_range
+
+__all__ = [
+    "FusedDivergenceOutput",
+    "FusedLinearDivergence",
+    "fused_linear_divergence",
+    "auto_chunk_size",
+    "loss_kwargs",
+]
+
+_BIG = torch.iinfo(torch.int64).max
+
+
+class FusedDivergenceOutput(NamedTuple):
+    loss: torch.Tensor
+    """Scalar: ``scale * sum_t w_t * D_t / normaliser`` (``scale`` = T^2 or 1; ``D_t`` clipped at
+    ``token_clip`` when given). Differentiable w.r.t. the student hidden states and weight."""
+    per_token: torch.Tensor
+    """``[T]`` divergence ``D_t`` of each token (detached; unweighted, unscaled, unclipped; 0 where masked)."""
+    top1_agree: torch.Tensor
+    """``[T]`` bool: the student's and the teacher's most likely token are the same (False where masked)."""
+
+
+@dataclass(frozen=True)
+class _Spec:
+    divergence: str
+    jsd_beta: float
+    skew_alpha: float
+    inv_temperature: float
+    loss_scale: float
+    chunk_size: int
+    vocab_size: int | None
+    token_clip: float | None
+    grad_in_forward: bool
+
+
+def auto_chunk_size(local_vocab: int, budget_elements: int = 1 << 24) -> int:
+    """Tokens per chunk such that one ``[C, V/tp]`` fp32 buffer holds about ``budget_elements``
+    (64 MiB by default; the loss keeps six). At least 16, a multiple of 16."""
+    return max(16, (budget_elements // max(local_vocab, 1)) // 16 * 16)
+
+
+def loss_kwargs(cfg) -> dict:
+    """Keyword arguments of :func:`fused_linear_divergence` taken from a ``LossConfig``."""
+    return dict(
+        divergence=cfg.divergence,
+        jsd_beta=cfg.jsd_beta,
+        skew_alpha=cfg.skew_alpha,
+        temperature=cfg.temperature,
+        scale_by_t2=cfg.scale_by_t2,
+        chunk_size=cfg.chunk_size,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunk helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor:
+    """Rows ``c0:c1`` of the loss tokens: a view when every token is kept, else a gather."""
+    return x[c0:c1] if rows is None else x.index_select(0, rows[c0:c1])
+
+
+def _logits_into(out_CV: torch.Tensor, h_CH: torch.Tensor, w_VH: torch.Tensor, inv_temp: float) -> None:
+    if h_CH.dtype == out_CV.dtype:
+        torch.matmul(h_CH, w_VH.t(), out=out_CV)
+    else:
+        out_CV.copy_(h_CH @ w_VH.t())
+    if inv_temp != 1.0:
+        out_CV.mul_(inv_temp)
+
+
+class _Inputs(NamedTuple):
+    hidden: torch.Tensor
+    weight: torch.Tensor  # [V_valid, H]: padded vocabulary rows already sliced off
+    t_hidden: torch.Tensor | None
+    t_weight: torch.Tensor | None
+    t_logits: torch.Tensor | None  # [T, V_valid] view
+    rows: torch.Tensor | None
+
+
+def _inputs(hidden, weight, t_hidden, t_weight, t_logits, rows_N, n_valid: int) -> _Inputs:
+    """Slice off the padded vocabulary rows; keep ``rows`` only when some tokens are dropped."""
+    return _Inputs(
+        hidden,
+        weight[:n_valid],
+        t_hidden,
+        None if t_weight is None else t_weight[:n_valid],
+        None if t_logits is None else t_logits[:, :n_valid],
+        None if rows_N.numel() == hidden.shape[0] else rows_N,
+    )
+
+
+def _chunk_logits(x: _Inputs, c0: int, c1: int, s_CV, t_CV, inv_temp: float) -> tuple[torch.Tensor, bool]:
+    """Fill the student and teacher logits of chunk ``c0:c1``; returns the student hidden rows and
+    whether the teacher logits hold -inf (only possible for given teacher logits)."""
+    h_CH = _take(x.hidden, x.rows, c0, c1)
+    _logits_into(s_CV, h_CH, x.weight, inv_temp)
+    if x.t_logits is None:
+        _logits_into(t_CV, _take(x.t_hidden, x.rows, c0, c1), x.t_weight, inv_temp)
+        return h_CH, False
+    t_CV.copy_(_take(x.t_logits, x.rows, c0, c1))
+    if inv_temp != 1.0:
+        t_CV.mul_(inv_temp)
+    return h_CH, t_CV.numel() > 0 and bool(torch.isneginf(t_CV.amin()))
+
+
+def _normalise(s_CV, q_CV, t_CV, p_CV, group, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn logits into log-probs in place (``s``, ``t``) and fill the probabilities (``q``, ``p``),
+    with log-normalisers over the whole (TP-split) vocabulary. Returns ``lse`` ``[2, C]`` (student,
+    teacher) and the top-1 agreement ``[C]``."""
+    C = s_CV.shape[0]
+    if s_CV.shape[1]:
+        max_s = s_CV.amax(dim=-1)
+        max_t, arg_t = t_CV.max(dim=-1)
+    else:  # this rank holds only padded rows
+        max_s = s_CV.new_full((C,), -torch.inf)
+        max_t, arg_t = max_s.clone(), torch.zeros(C, dtype=torch.long, device=s_CV.device)
+    max_2C = torch.stack([max_s, max_t])
+    all_reduce(max_2C, group, dist.ReduceOp.MAX)
+
+    # Top-1 agreement with one collective: the teacher's global argmax is the smallest global index
+    # reaching the global max; its owner knows whether the student's logit there is the student's
+    # global max. Encode (index, disagrees) as index * 2 + disagrees and take the min over ranks.
+    owner = (max_t == max_2C[1]) & torch.isfinite(max_t)
+    if s_CV.shape[1]:
+        disagrees = s_CV.gather(1, arg_t.unsqueeze(1)).squeeze(1) != max_2C[0]
+    else:
+        disagrees = torch.ones(C, dtype=torch.bool, device=s_CV.device)
+    key = torch.where(owner, (start + arg_t) * 2 + disagrees.long(), torch.full_like(arg_t, _BIG))
+    all_reduce(key, group, dist.ReduceOp.MIN)
+    agree_C = (key != _BIG) & (key % 2 == 0)
+
+    # A row that is -inf everywhere would give (-inf) - (-inf) = nan; shift it by 0 instead.
+    max_2C = torch.where(torch.isfinite(max_2C), max_2C, torch.zeros_like(max_2C))
+    s_CV.sub_(max_2C[0].unsqueeze(1))
+    t_CV.sub_(max_2C[1].unsqueeze(1))
+    torch.exp(s_CV, out=q_CV)
+    torch.exp(t_CV, out=p_CV)
+    sum_2C = torch.stack([q_CV.sum(dim=-1), p_CV.sum(dim=-1)])  # [C, V/tp] -> [C], both sides
+    all_reduce(sum_2C, group)
+    log_sum_2C = sum_2C.log()
+    s_CV.sub_(log_sum_2C[0].unsqueeze(1))
+    t_CV.sub_(log_sum_2C[1].unsqueeze(1))
+    q_CV.div_(sum_2C[0].unsqueeze(1))
+    p_CV.div_(sum_2C[1].unsqueeze(1))
+    return max_2C + log_sum_2C, agree_C
+
+
+def _student_grad(g_CV, q_CV, coef_C, group) -> torch.Tensor:
+    """dLoss/ds = coef * (g - q * sum(g)), in place in ``g``; ``sum`` runs over the TP-split vocabulary."""
+    sum_g_C = all_reduce(g_CV.sum(dim=-1), group)  # [C, V/tp] -> [C]
+    return g_CV.addcmul_(q_CV, sum_g_C.unsqueeze(1), value=-1.0).mul_(coef_C.unsqueeze(1))
+
+
+def _accumulate_grads(ds_CV, h_CH, x: _Inputs, grad_h_NH, grad_w_VH, c0: int, c1: int) -> None:
+    if grad_h_NH is not None:
+        if ds_CV.dtype == x.weight.dtype:
+            torch.matmul(ds_CV, x.weight, out=grad_h_NH[c0:c1])
+        else:
+            grad_h_NH[c0:c1] = ds_CV.to(x.weight.dtype) @ x.weight
+    if grad_w_VH is not None:
+        grad_w_VH.addmm_(ds_CV.t(), h_CH.to(grad_w_VH.dtype))
+
+
+def _clip_values(value_N, spec: _Spec):
+    return value_N if spec.token_clip is None else value_N.clamp(max=spec.token_clip)
+
+
+def _grad_coef(coef_N, value_N, spec: _Spec):
+    """Per-token gradient coefficient (the chain rule through ``s = h W^T / T`` included):
+    ``min(D, tau)`` has zero gradient where ``D > tau``."""
+    if spec.token_clip is not None:
+        coef_N = coef_N * (value_N <= spec.token_clip)
+    return coef_N * (spec.inv_temperature * spec.loss_scale)
+
+
+def _forward_chunks(x: _Inputs, spec: _Spec, group, start: int, coef_N, grad_h_NH, grad_w_VH):
+    """Per-token values, log-normalisers and top-1 agreement; with ``grad_in_forward`` also the
+    (unscaled by the upstream gradient) gradients, accumulated into ``grad_h_NH`` / ``grad_w_VH``."""
+    N, acc = coef_N.shape[0], coef_N.dtype
+    value_N = torch.zeros(N, dtype=acc, device=coef_N.device)
+    lse_2N = torch.zeros(2, N, dtype=acc, device=coef_N.device)
+    agree_N = torch.zeros(N, dtype=torch.bool, device=coef_N.device)
+    C = max(1, min(spec.chunk_size, N))
+    bufs = [torch.empty(C, x.weight.shape[0], dtype=acc, device=coef_N.device) for _ in range(6)]
+    eager = spec.grad_in_forward
+    for c0 in range(0, N, C):
+        c1 = min(c0 + C, N)
+        s, q, t, p, w1, w2 = (b[: c1 - c0] for b in bufs)
+        h_CH, guard = _chunk_logits(x, c0, c1, s, t, spec.inv_temperature)
+        lse_2N[:, c0:c1], agree_N[c0:c1] = _normalise(s, q, t, p, group, start)
+        value_N[c0:c1], g = pointwise(
+            spec.divergence, t, s, p, q, w1, w2, jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha,
+            value=True, grad=eager, guard=guard,
+        )  # fmt: skip
+        if eager:
+            # The clip needs each token's complete value before its gradient: reduce it per chunk.
+            all_reduce(value_N[c0:c1], group)
+            coef_C = _grad_coef(coef_N[c0:c1], value_N[c0:c1], spec)
+            _accumulate_grads(_student_grad(g, q, coef_C, group), h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
+    if not eager:
+        all_reduce(value_N, group)  # per-token partial sums over each rank's vocabulary shard
+    return value_N, lse_2N, agree_N
+
+
+def _backward_chunks(x: _Inputs, spec: _Spec, group, lse_2N, coef_N, grad_h_NH, grad_w_VH) -> None:
+    """Recompute each chunk's log-probs from the saved normalisers and accumulate the gradients."""
+    N = coef_N.shape[0]
+    C = max(1, min(spec.chunk_size, N))
+    bufs = [torch.empty(C, x.weight.shape[0], dtype=coef_N.dtype, device=coef_N.device) for _ in range(6)]
+    for c0 in range(0, N, C):
+        c1 = min(c0 + C, N)
+        s, q, t, p, w1, w2 = (b[: c1 - c0] for b in bufs)
+        h_CH, guard = _chunk_logits(x, c0, c1, s, t, spec.inv_temperature)
+        torch.exp(s.sub_(lse_2N[0, c0:c1].unsqueeze(1)), out=q)
+        torch.exp(t.sub_(lse_2N[1, c0:c1].unsqueeze(1)), out=p)
+        _, g = pointwise(
+            spec.divergence, t, s, p, q, w1, w2, jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha,
+            value=False, grad=True, guard=guard,
+        )  # fmt: skip
+        _accumulate_grads(_student_grad(g, q, coef_N[c0:c1], group), h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The autograd Function
+# ----------------------------------------------------------------------------------------------------
+
+
+class FusedLinearDivergence(torch.autograd.Function):
+    """Forward: ``(loss, per_token_T, top1_agree_T)``; only ``loss`` is differentiable, w.r.t.
+    ``hidden_TH`` and ``weight_VH``. Prefer :func:`fused_linear_divergence`, which validates inputs.
+
+    ``coef_T`` holds each token's loss weight (mask / normaliser); ``t_*`` are the teacher's inputs
+    (hidden states and weight shard, or a logits shard); the teacher gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, coef_T, spec: _Spec, group):
+        T, H = hidden_TH.shape
+        V_local = weight_VH.shape[0]
+        acc = torch.float64 if hidden_TH.dtype == torch.float64 else torch.float32
+        dev = hidden_TH.device
+        start, n_valid = vocab_range(V_local, group, spec.vocab_size)
+        rows_N = torch.nonzero(coef_T).squeeze(1)  # only tokens that carry loss are computed
+        N = rows_N.numel()
+        x = _inputs(hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, rows_N, n_valid)
+        coef_N = coef_T[rows_N].to(acc)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h_NH = grad_w_VH = None
+        if spec.grad_in_forward:
+            grad_h_NH = torch.zeros(N, H, dtype=acc, device=dev) if need_h else None
+            grad_w_VH = torch.zeros(V_local, H, dtype=acc, device=dev) if need_w else None
+        value_N, lse_2N, agree_N = _forward_chunks(
+            x, spec, group, start, coef_N, grad_h_NH, None if grad_w_VH is None else grad_w_VH[:n_valid]
+        )
+
+        loss = (coef_N * _clip_values(value_N, spec)).sum() * spec.loss_scale
+        per_token_T = torch.zeros(T, dtype=acc, device=dev).index_copy_(0, rows_N, value_N)
+        agree_T = torch.zeros(T, dtype=torch.bool, device=dev).index_copy_(0, rows_N, agree_N)
+        ctx.mark_non_differentiable(per_token_T, agree_T)
+
+        ctx.spec, ctx.group, ctx.meta = spec, group, (T, H, n_valid, hidden_TH.dtype, weight_VH.dtype)
+        if spec.grad_in_forward:
+            ctx.save_for_backward(all_reduce(grad_h_NH, group) if need_h else None, grad_w_VH, rows_N)
+        else:
+            ctx.save_for_backward(
+                hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, rows_N, lse_2N,
+                _grad_coef(coef_N, value_N, spec),
+            )  # fmt: skip
+        return loss, per_token_T, agree_T
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token, _grad_agree):
+        spec, group = ctx.spec, ctx.group
+        T, H, n_valid, h_dtype, w_dtype = ctx.meta
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if spec.grad_in_forward:
+            grad_h_NH, grad_w_VH, rows_N = ctx.saved_tensors
+            grad_h_NH = None if grad_h_NH is None else grad_h_NH * grad_loss
+            grad_w_VH = None if grad_w_VH is None else grad_w_VH * grad_loss
+        else:
+            hidden, weight, t_hidden, t_weight, t_logits, rows_N, lse_2N, coef_N = ctx.saved_tensors
+            N, acc, dev = rows_N.numel(), coef_N.dtype, coef_N.device
+            x = _inputs(hidden, weight, t_hidden, t_weight, t_logits, rows_N, n_valid)
+            grad_h_NH = torch.zeros(N, H, dtype=acc, device=dev) if need_h else None
+            grad_w_VH = torch.zeros(weight.shape[0], H, dtype=acc, device=dev) if need_w else None
+            _backward_chunks(
+                x, spec, group, lse_2N, coef_N * grad_loss.to(acc), grad_h_NH,
+                None if grad_w_VH is None else grad_w_VH[:n_valid],
+            )  # fmt: skip
+            if need_h:
+                all_reduce(grad_h_NH, group)  # every rank's vocabulary shard contributes to dLoss/dh
+        grad_hidden = grad_weight = None
+        if need_h:
+            if grad_h_NH.shape[0] == T:
+                grad_hidden = grad_h_NH.to(h_dtype)
+            else:
+                grad_hidden = grad_h_NH.new_zeros(T, H, dtype=h_dtype).index_copy_(
+                    0, rows_N, grad_h_NH.to(h_dtype)
+                )
+        if need_w:
+            grad_weight = grad_w_VH.to(w_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The friendly entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def fused_linear_divergence(
+    hidden_TH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    *,
+    teacher_hidden_TH: torch.Tensor | None = None,
+    teacher_weight_VH: torch.Tensor | None = None,
+    teacher_logits_TV: torch.Tensor | None = None,
+    mask_T: torch.Tensor | None = None,
+    normaliser: float | torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+    chunk_size: int | None = 1024,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_size: int | None = None,
+    token_clip: float | None = None,
+    recompute: bool = True,
+) -> FusedDivergenceOutput:
+    r"""Distillation loss of the student's lm-head on its pre-lm-head hidden states, fused and TP-aware.
+
+    .. math:: \mathcal{L} = s \cdot \frac{1}{N} \sum_t w_t\, D\big(\mathrm{softmax}(z^T_t / \tau),
+              \mathrm{softmax}(h_t W^\top / \tau)\big),
+
+    with ``D`` the divergence ``divergence`` (see :mod:`opd_megatron.losses.divergences`; teacher first),
+    ``w`` the mask, ``N`` the normaliser, ``tau`` the temperature and ``s = tau^2`` if ``scale_by_t2``.
+
+    Args:
+        hidden_TH: student hidden states before the output layer, ``[..., H]`` (leading dims are
+            flattened into tokens), replicated over the TP group; requires grad.
+        weight_VH: this rank's shard of the student output layer, ``[V/tp, H]``.
+        teacher_hidden_TH, teacher_weight_VH: the teacher's hidden states ``[..., H_T]`` and output-layer
+            shard ``[V/tp, H_T]``; or instead
+        teacher_logits_TV: the teacher's logits shard ``[..., V/tp]`` (may hold -inf).
+        mask_T: ``[...]`` bool or float per-token weights (0 drops a token); None keeps all.
+        normaliser: the divisor ``N``; None uses ``sum(mask)``. For gradient accumulation and data
+            parallel pass the step's global token count (see :mod:`opd_megatron.losses.reduce`); for a
+            per-sequence mean pass ``reduction_weights(mask, "sequence_mean")`` as ``mask_T`` and 1.
+        chunk_size: tokens per chunk; None picks :func:`auto_chunk_size`. Results do not depend on it.
+        tp_group: the tensor-parallel group the vocabulary is split over (None: one process).
+        vocab_size: the true vocabulary size; rows at global index >= it are padding and excluded.
+        token_clip: OPSD's per-token clip ``tau``: each token contributes ``min(D_t, tau)``.
+        recompute: recompute the chunk logits in backward (least memory); False computes the gradients
+            during forward and holds them (two fewer matmuls).
+
+    Returns:
+        :class:`FusedDivergenceOutput` ``(loss, per_token, top1_agree)``; the per-token tensors have the
+        leading shape of ``hidden_TH``.
+    """
+    check_divergence(divergence, jsd_beta, skew_alpha)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead = hidden_TH.shape[:-1]
+    hidden = hidden_TH.reshape(-1, hidden_TH.shape[-1])
+    T, V_local = hidden.shape[0], weight_VH.shape[0]
+    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"student weight {tuple(weight_VH.shape)} does not match hidden size {hidden.shape[1]}"
+        )
+    if (teacher_logits_TV is None) == (teacher_hidden_TH is None or teacher_weight_VH is None):
+        raise ValueError("give the teacher as teacher_hidden_TH + teacher_weight_VH, or as teacher_logits_TV")
+    t_hidden = t_logits = None
+    if teacher_logits_TV is not None:
+        t_logits = teacher_logits_TV.detach().reshape(-1, teacher_logits_TV.shape[-1])
+        if t_logits.shape != (T, V_local):
+            raise ValueError(f"teacher logits {tuple(t_logits.shape)} != (tokens, V/tp) = {(T, V_local)}")
+    else:
+        t_hidden = teacher_hidden_TH.detach().reshape(-1, teacher_hidden_TH.shape[-1])
+        if t_hidden.shape[0] != T or teacher_weight_VH.shape != (V_local, t_hidden.shape[1]):
+            raise ValueError(
+                f"teacher hidden {tuple(t_hidden.shape)} / weight {tuple(teacher_weight_VH.shape)} do not match "
+                f"{T} tokens and a vocabulary shard of {V_local}"
+            )
+        teacher_weight_VH = teacher_weight_VH.detach()
+    if vocab_size is not None and not 0 < vocab_size <= V_local * tp_size(tp_group):
+        raise ValueError(f"vocab_size {vocab_size} is not in (0, {V_local * tp_size(tp_group)}]")
+    if token_clip is not None and not token_clip > 0:
+        raise ValueError(f"token_clip must be > 0, got {token_clip}")
+
+    weights_T = (
+        torch.ones(T, device=hidden.device) if mask_T is None else mask_T.reshape(-1).to(torch.float32)
+    )
+    if weights_T.shape[0] != T:
+        raise ValueError(f"mask has {weights_T.shape[0]} tokens, hidden states have {T}")
+    if normaliser is None:
+        total = weights_T.sum()
+        normaliser = torch.where(total > 0, total, torch.ones_like(total))
+    elif not torch.is_tensor(normaliser) and not normaliser > 0:
+        raise ValueError(f"normaliser must be > 0, got {normaliser!r}")
+    coef_T = weights_T / normaliser
+
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(V_local)
+    elif chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight_VH.requires_grad)
+    spec = _Spec(
+        divergence=divergence,
+        jsd_beta=float(jsd_beta),
+        skew_alpha=float(skew_alpha),
+        inv_temperature=1.0 / temperature,
+        loss_scale=temperature**2 if scale_by_t2 else 1.0,
+        chunk_size=int(chunk_size),
+        vocab_size=vocab_size,
+        token_clip=token_clip,
+        grad_in_forward=wants_grad and not recompute,
+    )
+    loss, per_token, agree = FusedLinearDivergence.apply(
+        hidden, weight_VH, t_hidden, teacher_weight_VH, t_logits, coef_T, spec, tp_group
+    )
+    return FusedDivergenceOutput(loss, per_token.reshape(lead), agree.reshape(lead))

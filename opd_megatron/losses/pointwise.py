@@ -1,0 +1,134 @@
+r"""Per-vocabulary-entry divergence terms and their derivatives, for the fused loss.
+
+Every divergence in :mod:`opd_megatron.losses.divergences` is a sum over the vocabulary of a term that
+depends only on that entry's teacher and student log-probs, once the log-normalisers are known. So a
+TP rank can sum its own vocabulary shard and the partial sums add up across ranks, and the gradient
+w.r.t. the student logits ``s`` (with ``l = s - logsumexp(s)``, ``q = exp(l)``) is
+
+.. math:: \frac{\partial D}{\partial s_v} = g_v - q_v \sum_u g_u, \qquad g_v = \partial D / \partial l_v,
+
+where only :math:`\sum_u g_u` needs a reduction across ranks. This module computes the local value sums
+and ``g``; :mod:`opd_megatron.losses.fused_kl` does the rest. The derivatives (``p`` teacher, ``q``
+student probabilities, ``m`` the mixture of the divergence):
+
+- forward KL:  ``g = -p``
+- reverse KL:  ``g = q (l_S - l_T + 1)``
+- JSD(beta), ``m = beta p + (1-beta) q``: ``g = (1-beta) q (l_S - log m)``
+- skew forward KL, ``m = alpha p + (1-alpha) q``: ``g = -(1-alpha) p q / m``
+- skew reverse KL, ``m = alpha q + (1-alpha) p``: ``g = q (l_S - log m + 1 - alpha q / m)``
+- TV: ``g = sign(q - p) q / 2``
+
+The functions write only into the two work buffers they are given (no allocation of ``[C, V]``
+tensors: on CPU a fresh large allocation costs more than the arithmetic, on GPU it is just waste).
+They are checked against autograd through the reference divergences in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rowdot", "pointwise"]
+
+
+def rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product ``[C, V] x [C, V] -> [C]`` without a ``[C, V]`` temporary."""
+    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+
+
+def _mix_into(out, w_a: float, a, b):
+    """out = max(w_a * a + (1 - w_a) * b, tiny); the floor keeps log(out) finite where both are 0."""
+    torch.mul(b, 1.0 - w_a, out=out)
+    out.add_(a, alpha=w_a).clamp_min_(torch.finfo(out.dtype).tiny)
+    return out
+
+
+def pointwise(
+    name: str,
+    lt: torch.Tensor,
+    ls: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    work1: torch.Tensor,
+    work2: torch.Tensor,
+    *,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    value: bool = True,
+    grad: bool = False,
+    guard: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Local per-token value sums ``[C]`` and/or ``g = dD/dl_S`` ``[C, V]`` (in one of the work buffers).
+
+    ``lt``/``ls`` are teacher/student log-probs and ``p``/``q`` their exponentials, all ``[C, V]`` and
+    left untouched. ``guard`` must be set when the teacher log-probs can hold -inf: then the terms
+    with zero weight are forced to 0 instead of ``0 * inf = nan`` (student logits come from a matmul
+    and are always finite, so only the teacher side needs it)."""
+    if name == "jsd" and jsd_beta in (0.0, 1.0):
+        name = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
+    if name in ("skew_forward_kl", "skew_reverse_kl") and skew_alpha == 0.0:
+        name = name.removeprefix("skew_")
+    val = g = None
+
+    if name == "forward_kl":
+        if value:
+            d = torch.sub(lt, ls, out=work1)
+            if guard:
+                d.masked_fill_(p == 0, 0.0)
+            val = rowdot(p, d)
+        if grad:
+            g = torch.neg(p, out=work1)
+
+    elif name == "reverse_kl":
+        r = torch.sub(ls, lt, out=work1)
+        if guard:
+            r.masked_fill_(q == 0, 0.0)
+        if value:
+            val = rowdot(q, r)
+        if grad:
+            g = r.add_(1.0).mul_(q)
+
+    elif name == "jsd":
+        beta = jsd_beta
+        log_m = _mix_into(work2, beta, p, q).log_()
+        if value:
+            d = torch.sub(lt, log_m, out=work1)
+            if guard:
+                d.masked_fill_(p == 0, 0.0)
+            val = beta * rowdot(p, d)
+        d = torch.sub(ls, log_m, out=work1)  # finite: log m >= log((1-beta) q) and log m >= log(tiny)
+        if value:
+            val = val + (1.0 - beta) * rowdot(q, d)
+        if grad:
+            g = d.mul_(q).mul_(1.0 - beta)
+
+    elif name == "skew_forward_kl":
+        alpha = skew_alpha
+        m = _mix_into(work2, alpha, p, q)
+        if value:
+            d = torch.log(m, out=work1).neg_().add_(lt)
+            if guard:
+                d.masked_fill_(p == 0, 0.0)
+            val = rowdot(p, d)
+        if grad:
+            g = torch.mul(p, q, out=work1).div_(m).mul_(-(1.0 - alpha))
+
+    elif name == "skew_reverse_kl":
+        alpha = skew_alpha
+        m = _mix_into(work2, alpha, q, p)
+        r = torch.log(m, out=work1).neg_().add_(ls)  # finite: m >= alpha q and m >= tiny
+        if value:
+            val = rowdot(q, r)
+        if grad:
+            ratio = torch.div(q, m, out=work2).mul_(alpha)
+            g = r.add_(1.0).sub_(ratio).mul_(q)
+
+    elif name == "tv":
+        d = torch.sub(q, p, out=work1)
+        if value:
+            val = 0.5 * torch.linalg.vector_norm(d, ord=1, dim=-1)
+        if grad:
+            g = torch.sign(d, out=work1).mul_(q).mul_(0.5)
+
+    else:
+        raise ValueError(f"unknown divergence {name!r}")
+    return val, g
