@@ -2,6 +2,8 @@
 
 Each domain is small enough that a tiny transformer learns it in a few hundred SFT steps at the default
 difficulty 3, and each has an exact verifier, so distillation runs report accuracy, not only loss.
+Measured with a 2-layer, 128-wide causal transformer trained on one domain (batch 32, AdamW 3e-3),
+held-out exact match after 400 steps: reversal 100%, sorting 77%, addition 51% (77% after 500 steps).
 
 Prompt formats (every prompt ends with ``=``; the completion is the answer, then EOS):
 
@@ -123,8 +125,9 @@ class Addition(Domain):
 
     Each operand's digit count is drawn uniformly from 1..d, then its value uniformly among numbers of
     that many digits. Fixed-width columns are what make this learnable for a tiny model: digit ``i`` of
-    every prompt sits at the same position, so attention can line the columns up (the unpadded form,
-    ``add 123+45=`` -> ``168``, stayed below 10% accuracy after 600 steps where this one reached 77%).
+    every prompt sits at the same position, so attention can line the columns up. In the same
+    measurement the unpadded form (``add 123+45=`` -> ``168``) was still at 6% after 600 steps, this
+    one at 77% after 500.
     """
 
     name = "addition"
@@ -260,9 +263,10 @@ def split_of(prompt: str) -> Split:
 def build_split(domain: str, split: Split, size: int, seed: int, difficulty: int) -> list[PromptRow]:
     """``size`` distinct rows of a built-in domain, all from ``split`` (see the module docstring).
 
-    Deterministic in its arguments; a larger ``size`` with the same seed extends the smaller list. Raises
-    :class:`DataError` when the split of the prompt space at this difficulty holds fewer than ``size``
-    prompts, saying how many it holds.
+    Deterministic in its arguments. A larger ``size`` with the same seed extends the smaller list (except
+    when a request takes most of a small split, which is topped up uniformly from the prompts left).
+    Raises :class:`DataError` when the split of the prompt space at this difficulty holds fewer than
+    ``size`` prompts, saying how many it holds.
     """
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
