@@ -105,7 +105,8 @@ class ModelConfig:
     vocab_size: int | None = None
     """Real vocabulary size; ``None`` takes it from the tokenizer. Padded to a TP-divisible size."""
     make_vocab_size_divisible_by: int = 16
-    """Pad the embedding to a multiple of this times the TP size (padding rows are never predicted)."""
+    """Pad the embedding to a multiple of lcm(this, TP size); padding rows are never predicted. With a
+    power-of-two TP up to this value the padded size, and so the checkpoint layout, is TP-independent."""
     max_sequence_length: int = 128
     rotary_base: float = 10000.0
     tie_embeddings: bool = True

@@ -30,11 +30,21 @@ def _child(fn, rank, world_size, port, args, queue):
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
+        import warnings
+
         import torch
 
+        # Megatron-core warns at import about optional CUDA packages a CPU run never uses.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
         torch.set_num_threads(1)
         result = fn(rank, *args)
-        queue.put((rank, "ok", result))
+        # Serialise by value: a tensor put on a multiprocessing queue is shared through the sender's
+        # memory, which is gone once this process exits.
+        import io
+
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -77,7 +87,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 240,
                         raise RuntimeError(f"rank process exited with code {dead[0].exitcode}") from None
                 continue
             if status == "ok":
-                results[rank] = payload
+                import io
+
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank}:\n{payload}")
         if errors:

@@ -16,10 +16,16 @@ Patched, and why each is safe on CPU:
    module, so no other code sees a changed ``torch``.
 4. The same proxy for ``megatron.core.pipeline_parallel.p2p_communication``, which also allocates
    receive buffers on ``torch.cuda.current_device()`` (covered by 2) and, in some versions, "cuda".
+5. ``LanguageModule.setup_embeddings_and_output_layer`` runs with ``Tensor.cuda`` as the identity. With
+   tied embeddings and PP > 1 it moves the last stage's copy of the embedding to CUDA before the
+   all-reduce that makes both copies equal; on CPU the copy is already where the all-reduce needs it.
+   The identity is in force only for the duration of that call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
 
 import torch
@@ -50,6 +56,25 @@ class _CpuTorchProxy(types.ModuleType):
         return torch.tensor(*args, device=self._cpu(device), **kwargs)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _without_cuda_moves(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU patches when CUDA is absent. Returns True when they are active."""
     global _ACTIVE
@@ -63,6 +88,11 @@ def activate_cpu_compat() -> bool:
 
     schedules.torch = _CpuTorchProxy("torch")  # 3
     p2p_communication.torch = _CpuTorchProxy("torch")  # 4
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(  # 5
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     _ACTIVE = True
     return True
 

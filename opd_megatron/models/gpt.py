@@ -7,6 +7,7 @@ tensor-parallel rank holds an equal shard; padded rows are masked out by the los
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -20,8 +21,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Smallest multiple of ``divisible_by * tp_size`` that holds ``vocab_size`` entries."""
-    multiple = divisible_by * tp_size
+    """Smallest multiple of ``lcm(divisible_by, tp_size)`` that holds ``vocab_size`` entries.
+
+    Unlike padding to ``divisible_by * tp_size``, the padded size does not change with TP whenever
+    ``tp_size`` divides ``divisible_by`` (TP = 1, 2, 4, 8, 16 for the default 16), so a checkpoint saved at
+    one TP loads at another: the embedding keeps its shape.
+    """
+    multiple = math.lcm(divisible_by, tp_size)
     return -(-vocab_size // multiple) * multiple
 
 

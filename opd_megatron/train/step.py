@@ -54,6 +54,11 @@ def forward_backward(
         return out, loss_func
 
     fb = get_forward_backward_func(pp_size=groups.pp_size)
+    p2p = None
+    if groups.pp_size > 1:  # explicit groups need an explicit communicator on the pipelined schedule
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        p2p = P2PCommunicator(pp_group=groups.pp_group, config=model.config)
     results = fb(
         forward_step_func=step_fn,
         data_iterator=iter(microbatches),
@@ -63,6 +68,7 @@ def forward_backward(
         micro_batch_size=microbatches[0]["tokens"].shape[0],
         forward_only=forward_only,
         pg_collection=groups.pg_collection,
+        p2p_communicator=p2p,
     )
     sums = None
     if groups.is_last_stage:
