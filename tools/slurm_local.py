@@ -211,6 +211,12 @@ def up(
         raise FileExistsError(f"{root_path} already holds a cluster; run `down` first")
     if len(str(root_path / "munge" / "munge.socket")) > _MAX_SOCKET_PATH:
         raise ValueError(f"{root_path} is too long a path for the munge socket; choose a shorter --dir")
+    for parent in root_path.parents:
+        # munged requires every directory above its socket to be enterable by all users.
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise PermissionError(
+                f"{parent} is not searchable by others (o+x); munged refuses a socket below it"
+            )
     for sub in ("munge", "state", "spool", "log", "run"):
         (root_path / sub).mkdir(parents=True, exist_ok=True)
     # munged refuses a key or socket directory that others can write to, and a socket directory that

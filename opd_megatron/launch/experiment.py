@@ -341,7 +341,10 @@ def build_experiment(cfg: RunConfig, opts: LaunchOptions | None = None) -> tuple
     workdir = _workdir(cfg, opts)
     title = _experiment_title(cfg, opts)
     base_dir = str(Path(launch.job_dir).expanduser().absolute())
-    exp = run.Experiment(title, base_dir=base_dir, log_level="WARN", enable_goodbye_message=False)
+    # Status at exit needs sacct (SLURM accounting), which many clusters lack; our CLI reports the job itself.
+    exp = run.Experiment(
+        title, base_dir=base_dir, log_level="WARN", enable_goodbye_message=False, skip_status_at_exit=True
+    )
     exp.__enter__()
     scripts: dict[str, str] = {}
     try:
