@@ -39,11 +39,22 @@ def _split_config(args) -> tuple[str | None, list[str]]:
     return cfg, overrides
 
 
-def cmd_sft(args) -> int:
-    from opd_megatron.train.sft import run_sft
+def _preflight(cfg) -> None:
+    """Checks that need no model: fail in a second, before Megatron-core is imported and ranks start."""
+    from opd_megatron.models.checkpoint import resolve_checkpoint
+    from opd_megatron.models.specs import resolve_impl
 
+    resolve_impl(cfg.model)
+    if cfg.train.init_checkpoint:
+        resolve_checkpoint(cfg.train.init_checkpoint)
+
+
+def cmd_sft(args) -> int:
     path, overrides = _split_config(args)
     cfg = load_config(path, overrides)
+    _preflight(cfg)
+    from opd_megatron.train.sft import run_sft
+
     result = run_sft(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         from opd_megatron.train.report import print_table
@@ -80,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         from opd_megatron.launch.cli import add_launch_parser
 
         add_launch_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from opd_megatron.models.hf_convert import add_convert_parser
+
+        add_convert_parser(sub)
     except ImportError:
         pass
     return parser

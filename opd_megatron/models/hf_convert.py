@@ -748,6 +748,12 @@ def run_convert(args) -> int:
     from opd_megatron.distributed import destroy_distributed, init_distributed
 
     tp, pp = (args.tp, args.pp) if args.direction == "hf-to-megatron" else (1, 1)
+    if args.direction == "hf-to-megatron":
+        try:  # a config this converter cannot handle fails here, before any distributed start-up
+            model_config_from_hf(read_hf_config(args.hf_dir))
+        except ConversionError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
         print(
