@@ -2,7 +2,7 @@
 
 ``slurm`` tests bring up a real one-node SLURM cluster (``tools/slurm_local.py``): they need root, and run
 only where asked for, with ``OPD_RUN_SLURM=1`` or in CI (``CI`` set), because they install Debian packages
-when missing and start system daemons.
+when missing and start system daemons. ``gpu`` tests are skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ def _slurm_skip_reason() -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     reason = _slurm_skip_reason()
-    if reason is None:
-        return
+    import torch
+
+    no_cuda = None if torch.cuda.is_available() else "needs CUDA (gpu marker)"
     for item in items:
-        if "slurm" in item.keywords:
+        if reason is not None and "slurm" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+        if no_cuda is not None and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=no_cuda))
