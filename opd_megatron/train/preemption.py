@@ -29,6 +29,14 @@ Every rank then exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` of sysexi
 failure, retry"), so a stop after a signal is never mistaken for a finished run (0) or a crash (1).
 Under torchrun, torchrun itself reports the workers' exit as a failure and exits non-zero.
 
+Helper processes: SLURM signals *every* process of a job step, including helpers a rank started
+(Megatron's distributed checkpointing keeps a spawned ``multiprocessing`` manager for its writes;
+data-loader workers). Killed by the signal, they take the final save down with them. So
+:meth:`PreemptionHandler.install` also blocks the stop signals in the calling (main) thread, a mask that
+every process started from it afterwards inherits (fork and spawn alike), and unblocks them in one
+small receiver thread, so this process still sees them while its helpers do not. Install the handler
+before anything starts helper processes; a helper started earlier stays exposed.
+
 torchrun and signals: the torchrun agent forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers and
 SIGKILLs them 30 s later; SIGUSR1 *kills torchrun* unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it.
 The launchers in ``opd_megatron.launch`` and ``slurm/`` set that variable; a save that takes longer
@@ -115,20 +123,58 @@ class PreemptionHandler:
         self._event = threading.Event()
         self._received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
+        self._previous_mask: set[signal.Signals] | None = None
+        self._receiver_stop: threading.Event | None = None
+        self._receiver: threading.Thread | None = None
 
     @classmethod
-    def install(cls, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS) -> PreemptionHandler:
-        """Install handlers for ``signals`` (main thread only, as Python requires) and return them."""
+    def install(
+        cls, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS, *, shield_children: bool = True
+    ) -> PreemptionHandler:
+        """Install handlers for ``signals`` (main thread only, as Python requires) and return them.
+
+        With ``shield_children`` (the default), processes this thread starts from now on inherit the
+        signals blocked, so a job-wide SIGTERM reaches this process but not its helpers (module doc).
+        """
         handler = cls(signals)
         for sig in handler.signals:
             handler._previous[sig] = signal.signal(sig, handler._on_signal)
+        if shield_children:
+            handler._shield_children()
         return handler
 
+    def _shield_children(self) -> None:
+        # CPython's resource tracker, started lazily with the first spawned process, blocks SIGTERM while it
+        # starts and then *unblocks* it, which would undo our block; started now, it never does that again.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        # Block first, then start the receiver: it inherits the block and lifts it for itself only, so a
+        # signal arriving in between stays pending and is delivered to it; none is lost.
+        self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        stop = threading.Event()
+
+        def receive() -> None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+            # The kernel delivers the signal to this thread; Python then runs _on_signal in the main thread.
+            stop.wait()
+
+        self._receiver_stop = stop
+        self._receiver = threading.Thread(target=receive, name="preemption-signal-receiver", daemon=True)
+        self._receiver.start()
+
     def uninstall(self) -> None:
-        """Restore the handlers that were active before :meth:`install`."""
+        """Restore the handlers and the signal mask that were active before :meth:`install`."""
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)  # type: ignore[arg-type]
         self._previous.clear()
+        if self._previous_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
+            self._previous_mask = None
+        if self._receiver_stop is not None and self._receiver is not None:
+            self._receiver_stop.set()
+            self._receiver.join(timeout=5)
+            self._receiver_stop = self._receiver = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: the interrupted code may be inside a collective or a file write.
@@ -161,6 +207,9 @@ class PreemptionHandler:
         import torch
         import torch.distributed as dist
 
+        if self._previous_mask is not None and threading.current_thread() is threading.main_thread():
+            # Other code may have unblocked the signals since install; renew the block (one syscall).
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
         if not (dist.is_available() and dist.is_initialized()):
             return self.requested
         device = (

@@ -82,6 +82,59 @@ def test_subprocess_saves_then_exits_with_preempted_code(tmp_path, sig):
     assert "requeue" not in err  # not under SLURM: nothing to requeue
 
 
+# A rank with a spawned helper process, like Megatron's checkpoint writer keeps: the whole process group
+# gets SIGTERM (as SLURM signals every process of a step); the helper must survive for the final save.
+_TRAINER_WITH_HELPER = textwrap.dedent(
+    """
+    import multiprocessing as mp, sys, time
+    from pathlib import Path
+    from opd_megatron.train.preemption import PreemptionHandler
+    if __name__ == "__main__":
+        out = Path(sys.argv[1])
+        handler = PreemptionHandler.install()
+        manager = mp.get_context("spawn").Manager()
+        queue = manager.Queue()
+        print("ready", flush=True)
+        for step in range(1, 20000):
+            time.sleep(0.01)
+            if handler.sync():
+                queue.put(step)  # the "save" goes through the helper process
+                (out / "saved").write_text(str(queue.get()))
+                handler.finish(out / "saved")
+        sys.exit(0)
+    """
+)
+
+
+def test_helper_processes_survive_a_job_wide_sigterm(tmp_path):
+    script = tmp_path / "trainer_helper.py"
+    script.write_text(_TRAINER_WITH_HELPER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the group, helper included
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert int((tmp_path / "saved").read_text()) >= 1
+
+
+def test_uninstall_restores_signal_mask():
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    handler = PreemptionHandler.install()
+    assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    handler.uninstall()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 def _fake_scontrol(bin_dir: Path, log: Path, requeue_flag: int) -> None:
     """A ``scontrol`` that logs its arguments and reports ``Requeue=<flag>`` for ``show job``."""
     bin_dir.mkdir()
