@@ -113,7 +113,8 @@ def gather_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     start, n_valid = vocab_range(logits_TV.shape[-1], tp_group, vocab_size)
-    x = logits_TV[..., :n_valid].float()
+    x = logits_TV[..., :n_valid]
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 maths for bf16 logits, fp64 kept
     if temperature != 1.0:
         x = x / temperature
     lse_T = global_logsumexp(x, tp_group)
