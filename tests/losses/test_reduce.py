@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opd_megatron.losses import global_token_count, masked_reduce, reduction_weights
-from tests.multirank import run_ranks
+from tests.losses.conftest import init_gloo
 
 
 def test_reductions_by_hand():
@@ -82,21 +82,21 @@ def test_bad_arguments_raise():
         masked_reduce(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool))
 
 
-def _dp_worker(rank: int):
+def dp_worker(rank: int):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    group = init_gloo()
     torch.manual_seed(0)
     values = torch.randn(4, 6)
     mask = torch.rand(4, 6) > 0.3
     mask[2:, 2:] = False
     mine = slice(0, 2) if rank == 0 else slice(2, 4)
-    n = global_token_count(mask[mine], dist.group.WORLD)
+    n = global_token_count(mask[mine], group)
     local = masked_reduce(values[mine], mask[mine], "token_mean", n)
     dist.all_reduce(local)  # what a summing data-parallel gradient reduction does to the loss
     return local.item(), masked_reduce(values, mask, "token_mean").item()
 
 
-def test_data_parallel_global_token_count():
-    for dp_loss, full in run_ranks(_dp_worker, world_size=2, timeout=120):
+def test_data_parallel_global_token_count(tp2):
+    for dp_loss, full in (rank["reduce"] for rank in tp2):
         assert dp_loss == pytest.approx(full, rel=1e-6)

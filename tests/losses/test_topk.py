@@ -14,8 +14,7 @@ from opd_megatron.losses import (
     topk_distillation_loss,
     topk_divergence,
 )
-from tests.losses.conftest import DIVERGENCE_CASES, case_id
-from tests.multirank import run_ranks
+from tests.losses.conftest import DIVERGENCE_CASES, case_id, init_gloo
 
 
 @pytest.mark.parametrize("tail", ["renorm", "rest"])
@@ -98,11 +97,8 @@ def _full_inputs():
     )
 
 
-def _topk_tp2_worker(rank: int):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    group = dist.group.WORLD
+def topk_tp2_worker(rank: int):
+    group = init_gloo()
     teacher, student = _full_inputs()
     shard = slice(rank * 32, (rank + 1) * 32)
     out = {}
@@ -128,8 +124,8 @@ def _topk_tp2_worker(rank: int):
 
 
 @pytest.fixture(scope="module")
-def topk_tp2():
-    return run_ranks(_topk_tp2_worker, world_size=2, timeout=240)
+def topk_tp2(tp2):
+    return [rank["topk"] for rank in tp2]
 
 
 def test_tp2_distributed_topk_equals_torch_topk(topk_tp2):
