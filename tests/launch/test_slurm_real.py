@@ -157,3 +157,47 @@ def test_sigterm_requeues_and_resumes_without_losing_or_repeating_steps(slurm_cl
         f"\nSLURM preemption job {job_id}: stopped at step {stop_step}, requeued, completed in "
         f"{time.monotonic() - t0:.1f}s"
     )
+
+
+def test_plain_sbatch_template_runs(slurm_cluster, tmp_path):
+    """slurm/train.sbatch, submitted with plain sbatch, on a CPU node: 2 gloo ranks, TP=2."""
+    t0 = time.monotonic()
+    out = tmp_path / "out"
+    env = {
+        **slurm_cluster.client_env(),
+        "OPD_PYTHON": sys.executable,
+        "OPD_WORKDIR": str(REPO),
+        "OPD_NPROC_PER_NODE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    overrides = [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.backend=gloo",
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.eval_samples=4",
+        "train.micro_batch_size=4",
+        "train.progress=false",
+        f"train.output_dir={out}",
+        "data.train_size=100",
+        "data.eval_size=10",
+    ]
+    log = tmp_path / "job.out"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}"]
+        + [str(REPO / "slurm" / "train.sbatch"), "sft", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job_id = submit.stdout.strip().split(";")[0]
+    info = wait_for_job(job_id, JOB_TIMEOUT_S, poll_s=0.5)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    assert info.state == "COMPLETED", f"{info}\n{text}"
+    assert "1 node(s) x 2 ranks" in text
+    assert _train_steps(out) == [1, 2]
+    assert (out / "checkpoints" / "step_0000002" / "meta.json").exists()
+    print(f"\nplain sbatch template job {job_id}: submitted to COMPLETED in {time.monotonic() - t0:.1f}s")
