@@ -84,12 +84,15 @@ def build_gpt_model(
     seed: int | None = None,
     frozen: bool = False,
     params_dtype: str | None = None,
+    initialize: bool = True,
 ):
     """Build this rank's GPTModel stage.
 
     ``vocab_size`` is the real vocabulary (from the tokenizer) when ``cfg.vocab_size`` is unset; the
     embedding is padded to a TP-divisible size and the real size is kept as ``model.real_vocab_size``.
     ``frozen`` builds a teacher: no gradients, eval mode (``params_dtype="bf16"`` halves its memory).
+    ``initialize=False`` skips the random init (parameters hold arbitrary values) for callers that
+    overwrite every parameter: init costs time and an fp32 copy of each weight at once.
     """
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -98,6 +101,7 @@ def build_gpt_model(
         raise ValueError("the vocabulary size must come from model.vocab_size or the tokenizer")
     resolve_impl(cfg)  # raises a ConfigError for FP8 without TE/CUDA before anything is allocated
     tconfig = build_transformer_config(cfg, groups, params_dtype)
+    tconfig.perform_initialization = initialize
     if seed is not None:
         torch.manual_seed(seed)
     padded = padded_vocab_size(real_vocab, cfg.make_vocab_size_divisible_by, groups.tp_size)

@@ -558,23 +558,30 @@ def import_hf_checkpoint(
     )
     validate_hf_weights(weights, cfg)
     _check_layout(cfg, groups)
+    _check_output(out, overwrite)  # on every rank, so that all of them stop, not only rank 0
     staging = out.parent / f".{out.name}.partial"
     if _is_main():
         _prepare_output(out, staging, overwrite)
     _barrier()
 
-    model = build_gpt_model(cfg, groups)
+    # No random init: every parameter is overwritten below, and init would hold an fp32 copy of each
+    # weight at once (about twice a bf16 model's memory at the peak).
+    model = build_gpt_model(cfg, groups, initialize=False)
+    filled: set[int] = set()
     with torch.no_grad():
         for link in _links(model, cfg):
-            local = _combine(
-                link, _read_shard(weights, link, groups, model.padded_vocab_size), cfg, groups.tp_size
-            )
+            pieces = _read_shard(weights, link, groups, model.padded_vocab_size)
+            local = _combine(link, pieces, cfg, groups.tp_size)
             if local.shape != link.param.shape:
                 raise AssertionError(
                     f"{link.hf_names}: built {tuple(local.shape)}, model has {tuple(link.param.shape)}"
                 )
             link.param.copy_(local)
-            del local
+            filled.add(id(link.param))
+            del pieces, local
+    unfilled = [n for n, p in model.named_parameters() if id(p) not in filled]
+    if unfilled:  # an uninitialised parameter must never reach a checkpoint
+        raise AssertionError(f"no HF tensor maps to {', '.join(unfilled)}")
 
     side = [n for n in HF_SIDE_FILES if (hf_dir / n).is_file()]
     final = out / "step_0000000"
@@ -659,10 +666,9 @@ def export_hf_checkpoint(
         max_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise ConversionError(f"max_shard_size: {e}") from None
-    if _is_main():
-        _check_output(out, overwrite)  # fail before the (long) load, not after it
+    _check_output(out, overwrite)  # fail before the (long) load, not after it
 
-    model = build_gpt_model(cfg, groups, real_vocab, frozen=True)
+    model = build_gpt_model(cfg, groups, real_vocab, frozen=True, initialize=False)  # loaded below
     _load_weights(ckpt, model)
     if _is_main():
         staging = out.parent / f".{out.name}.partial"
