@@ -20,6 +20,11 @@ def _quiet_warnings() -> None:
     # Megatron-core warns about optional CUDA packages (apex) that a CPU run never needs.
     for pattern in ("Apex is not installed", "full scope is deprecated", ".*cuda_graph_scope.*"):
         warnings.filterwarnings("ignore", message=pattern)
+    # Megatron-core's dist_checkpointing calls torch.distributed.checkpoint APIs that torch deprecates.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint.*")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

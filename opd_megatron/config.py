@@ -206,9 +206,12 @@ class TeacherConfig:
     """For ``placement: self``: frozen snapshot, EMA of the student, or periodic refresh."""
     ema_rate: float = 0.99
     refresh_every: int = 50
+    privileged_source: Literal["reference", "privileged"] = "reference"
+    """For ``placement: self``: the hint the teacher sees before the prompt (the row's field)."""
 
     def __post_init__(self):
         _check(bool(self.name), "name", "a teacher needs a non-empty name")
+        _one_of(self.privileged_source, ("reference", "privileged"), "privileged_source")
         _one_of(self.placement, ("colocated", "remote", "self"), "placement")
         if self.placement == "remote":
             _check(bool(self.url), "url", f"teacher {self.name!r} is remote and needs a url")
@@ -248,9 +251,42 @@ class LossConfig:
     """``divergence``: full-vocab fused divergence; the others are sampled-token objectives."""
     topk: int = 0
     """> 0 uses the sparse top-k path (remote teachers return top-k log-probs)."""
+    on_policy_lambda: float = 1.0
+    """GKD lambda: share of each batch whose completions the student samples itself; the rest are
+    off-policy sequences (``off_policy_source``). 0 is supervised KD, 1 fully on-policy."""
+    lambda_schedule: Literal["constant", "linear"] = "constant"
+    """``linear``: DistiLLM-style adaptive schedule, lambda ramps from ``lambda_start`` to
+    ``on_policy_lambda`` over ``lambda_ramp_steps`` (off-policy first, student rollouts later)."""
+    lambda_start: float = 0.0
+    lambda_ramp_steps: int = 100
+    off_policy_source: Literal["dataset", "teacher"] = "dataset"
+    """Off-policy completions: the row's ``reference`` or a teacher-sampled completion."""
+    mix_alpha: float = 0.0
+    """MiniLLM teacher-mixed sampling: tokens come from alpha*p_T + (1-alpha)*q_S, and each token's loss
+    is weighted by the importance weight q_S / p_mix."""
+    discount: float = 0.0
+    """Suffix discount for the sampled-token objectives (tinker, gopd; MiniLLM uses 1)."""
+    gopd_lambda: float = 1.0
+    """G-OPD reward scale against the reference model (the starting student); > 1 extrapolates."""
+    aopd_topk: int = 8
+    """AOPD: teacher top-K for the forward-KL branch."""
+    opsd_tau: float = 0.0
+    """OPSD per-token clip of the divergence (0 disables)."""
+    rlsd_eps: float = 0.2
+    """RLSD evidence-weight clip."""
 
     def __post_init__(self):
         _one_of(self.divergence, DIVERGENCES, "divergence")
+        for name in ("on_policy_lambda", "lambda_start", "mix_alpha"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, name, f"must be in [0, 1], got {v}")
+        _one_of(self.lambda_schedule, ("constant", "linear"), "lambda_schedule")
+        _one_of(self.off_policy_source, ("dataset", "teacher"), "off_policy_source")
+        _check(self.lambda_ramp_steps >= 1, "lambda_ramp_steps", "must be >= 1")
+        _check(0.0 <= self.discount <= 1.0, "discount", f"must be in [0, 1], got {self.discount}")
+        _check(self.gopd_lambda > 0, "gopd_lambda", f"must be > 0, got {self.gopd_lambda}")
+        _check(self.aopd_topk >= 1, "aopd_topk", "must be >= 1")
+        _check(self.opsd_tau >= 0, "opsd_tau", "must be >= 0")
         _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
         _check(0.0 <= self.skew_alpha < 1.0, "skew_alpha", f"must be in [0, 1), got {self.skew_alpha}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")

@@ -24,18 +24,28 @@ def pipeline_forward(
     groups: ParallelGroups,
     attention_mask: torch.Tensor | None = None,
     hidden_dtype: torch.dtype = torch.float32,
+    stage_fn=None,
     **forward_kwargs,
 ):
-    """Run ``model`` over all pipeline stages. Returns the last stage's output there, ``None`` elsewhere."""
+    """Run ``model`` over all pipeline stages. Returns the last stage's output there, ``None`` elsewhere.
+
+    ``stage_fn(model, input_ids, position_ids, attention_mask)`` replaces ``model.forward`` per stage
+    (e.g. to stop before the output layer); its non-last-stage output is what the next stage receives.
+    """
+    if stage_fn is None:
+
+        def stage_fn(m, ids, pos, mask):
+            return m(ids, pos, mask, **forward_kwargs)
+
     if groups.pp_size == 1:
-        return model(input_ids, position_ids, attention_mask, **forward_kwargs)
+        return stage_fn(model, input_ids, position_ids, attention_mask)
     b, s = input_ids.shape
     hidden_size = model.config.hidden_size
     if not groups.is_first_stage:
         recv = torch.empty(s, b, hidden_size, dtype=hidden_dtype, device=groups.device)
         dist.recv(recv, src=_peer(groups, groups.pp_rank - 1), group=groups.pp_group)
         model.set_input_tensor(recv)
-    out = model(input_ids, position_ids, attention_mask, **forward_kwargs)
+    out = stage_fn(model, input_ids, position_ids, attention_mask)
     if not groups.is_last_stage:
         dist.send(
             out.contiguous().to(hidden_dtype), dst=_peer(groups, groups.pp_rank + 1), group=groups.pp_group

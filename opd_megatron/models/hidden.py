@@ -1,0 +1,27 @@
+"""Pre-lm-head hidden states of a Megatron GPTModel stage.
+
+The fused distillation loss takes hidden states and the output-layer shard instead of logits, so the
+``[tokens, V/tp]`` logits of the whole batch never exist. ``GPTModel.forward`` always applies the output
+layer on the last stage; this runs the same embedding, rotary and decoder steps and stops before it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def decoder_hidden_states(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """This stage's decoder output ``[s, b, h]``; on the last stage it is final-normed, ready for the
+    output layer. Non-first stages read their input from ``model.set_input_tensor``."""
+    pre = model._preprocess(input_ids=input_ids, position_ids=position_ids)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
+    return model.decoder(
+        hidden_states=decoder_input,
+        attention_mask=attention_mask,
+        rotary_pos_emb=rotary_pos_emb,
+        rotary_pos_cos=rotary_pos_cos,
+        rotary_pos_sin=rotary_pos_sin,
+        sequence_len_offset=sequence_len_offset,
+    )

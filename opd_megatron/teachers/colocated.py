@@ -1,0 +1,95 @@
+"""A frozen Megatron teacher living in the student's processes, under the same TP/PP groups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from opd_megatron.config import TeacherConfig
+from opd_megatron.data.jsonl import PromptRow
+from opd_megatron.distributed import ParallelGroups
+from opd_megatron.distributed.pipeline import pipeline_forward
+from opd_megatron.models.checkpoint import load_model_weights, read_config, read_meta, resolve_checkpoint
+from opd_megatron.models.gpt import build_gpt_model, output_weight
+from opd_megatron.models.hidden import decoder_hidden_states
+from opd_megatron.teachers.base import Teacher, TeacherError, TeacherTargets
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out_BS = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        out_BS[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out_BS
+
+
+class MegatronTeacher(Teacher):
+    """Scores with a Megatron GPTModel; ``prompt_view`` may give the teacher a different prompt text
+    than the student saw (None: the student's own prompt token ids)."""
+
+    def __init__(
+        self,
+        name: str,
+        model,
+        groups: ParallelGroups,
+        pad_id: int,
+        encode_prompt: Callable[[str], list[int]] | None = None,
+        prompt_view: Callable[[PromptRow], str] | None = None,
+    ):
+        self.name, self.model, self.groups, self.pad_id = name, model, groups, pad_id
+        self.encode_prompt, self.prompt_view = encode_prompt, prompt_view
+        self.calls = 0
+        self.tokens_scored = 0
+
+    def _teacher_prompts(self, rows, prompt_ids) -> list[list[int]]:
+        if self.prompt_view is None:
+            return prompt_ids
+        return [self.encode_prompt(self.prompt_view(r)) for r in rows]
+
+    @torch.no_grad()
+    def score(self, rows, prompt_ids, completion_ids) -> TeacherTargets | None:
+        prompts = self._teacher_prompts(rows, prompt_ids)
+        seqs = [p + c for p, c in zip(prompts, completion_ids)]
+        limit = self.model.max_sequence_length
+        too_long = [i for i, s in enumerate(seqs) if len(s) > limit]
+        if too_long:
+            raise TeacherError(
+                f"teacher {self.name!r}: sequence of row {too_long[0]} is {len(seqs[too_long[0]])} tokens, longer "
+                f"than its max_sequence_length={limit}"
+            )
+        tokens_BS = right_pad(seqs, self.pad_id, self.groups.device)
+        pos_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
+        self.model.eval()
+        hidden_SBH = pipeline_forward(self.model, tokens_BS, pos_BS, self.groups, stage_fn=_hidden_stage)
+        self.calls += 1
+        self.tokens_scored += sum(len(c) for c in completion_ids)
+        if hidden_SBH is None:
+            return None
+        # Position t predicts token t + 1: the completion of row i (prompt length P, C tokens) is
+        # predicted at positions P - 1 .. P + C - 2.
+        parts = [
+            hidden_SBH[len(p) - 1 : len(p) - 1 + len(c), i]
+            for i, (p, c) in enumerate(zip(prompts, completion_ids))
+        ]
+        hidden_NH = torch.cat(parts, dim=0) if parts else hidden_SBH.new_zeros(0, hidden_SBH.shape[-1])
+        return TeacherTargets(hidden_NH=hidden_NH, weight_VH=output_weight(self.model).detach())
+
+
+def _hidden_stage(model, ids, pos, mask):
+    return decoder_hidden_states(model, ids, pos, mask)
+
+
+def build_colocated_teacher(tcfg: TeacherConfig, groups: ParallelGroups, student_vocab: int, pad_id: int):
+    """Build a frozen teacher from its checkpoint (architecture read from the checkpoint's config)."""
+    ckpt = resolve_checkpoint(tcfg.checkpoint)
+    teacher_vocab = read_meta(ckpt).get("real_vocab_size")
+    if teacher_vocab not in (None, student_vocab):
+        raise TeacherError(
+            f"teacher {tcfg.name!r}: vocabulary of {teacher_vocab} tokens does not match the student's "
+            f"{student_vocab}; a teacher with another tokenizer needs cross-tokeniser scoring"
+        )
+    model_cfg = read_config(ckpt).model
+    model = build_gpt_model(model_cfg, groups, student_vocab, frozen=True, params_dtype=tcfg.dtype)
+    load_model_weights(ckpt, model)
+    return MegatronTeacher(tcfg.name, model, groups, pad_id)
