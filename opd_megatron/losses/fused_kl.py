@@ -319,9 +319,13 @@ class FusedLinearDivergence(torch.autograd.Function):
         T, H, n_valid, h_dtype, w_dtype = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if spec.grad_in_forward:
+            # The gradients were computed in forward. With an upstream gradient of 1 (the usual case)
+            # they are handed out as they are: autograd then takes them over as .grad without a copy
+            # (it copies instead while the graph is retained, so a second backward stays correct).
             grad_h_NH, grad_w_VH, rows_N = ctx.saved_tensors
-            grad_h_NH = None if grad_h_NH is None else grad_h_NH * grad_loss
-            grad_w_VH = None if grad_w_VH is None else grad_w_VH * grad_loss
+            if bool(grad_loss != 1):
+                grad_h_NH = None if grad_h_NH is None else grad_h_NH * grad_loss
+                grad_w_VH = None if grad_w_VH is None else grad_w_VH * grad_loss
         else:
             hidden, weight, t_hidden, t_weight, t_logits, rows_N, lse_2N, coef_N = ctx.saved_tensors
             N, acc, dev = rows_N.numel(), coef_N.dtype, coef_N.device
@@ -395,8 +399,10 @@ def fused_linear_divergence(
         tp_group: the tensor-parallel group the vocabulary is split over (None: one process).
         vocab_size: the true vocabulary size; rows at global index >= it are padding and excluded.
         token_clip: OPSD's per-token clip ``tau``: each token contributes ``min(D_t, tau)``.
-        recompute: recompute the chunk logits in backward (least memory); False computes the gradients
-            during forward and holds them (two fewer matmuls).
+        recompute: recompute the chunk logits in backward (the default; nothing ``[V/tp, H]``-sized is
+            held between forward and backward). False computes the gradients during forward and
+            holds them until backward: two fewer matmuls (the student and teacher logits are not
+            recomputed); an upstream gradient other than 1 costs one ``[V/tp, H]`` copy.
 
     Returns:
         :class:`FusedDivergenceOutput` ``(loss, per_token, top1_agree)``; the per-token tensors have the

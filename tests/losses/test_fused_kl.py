@@ -195,6 +195,23 @@ def test_leading_dims_frozen_head_and_no_grad():
     torch.testing.assert_close(out.loss, ref[0])
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "grad_in_forward"])
+def test_upstream_gradient_and_second_backward(recompute):
+    hidden, weight, t_hidden, t_weight, t_logits, mask = _inputs()
+    ref = _reference(hidden, weight, t_logits, mask, "jsd", {})
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fused_linear_divergence(
+        h, w, teacher_logits_TV=t_logits, mask_T=mask, divergence="jsd", recompute=recompute
+    )
+    (out.loss * 3.0).backward(retain_graph=True)
+    torch.testing.assert_close(h.grad, 3.0 * ref[1])
+    out.loss.backward(retain_graph=True)
+    out.loss.backward()
+    torch.testing.assert_close(h.grad, 5.0 * ref[1])
+    torch.testing.assert_close(w.grad, 5.0 * ref[2])
+
+
 def test_never_allocates_tokens_by_vocab():
     T, H, V, C = 256, 4, 128, 16
     hidden = torch.randn(T, H, requires_grad=True)

@@ -1,0 +1,355 @@
+"""Benchmark of the fused linear vocab-parallel divergence against the naive loss, Liger and the floor.
+
+    python tools/bench/bench_fused_kl.py [--quick] --out bench_results/fused_kl.json
+
+Variants, each a forward + backward of a distillation loss of the student's lm-head (student hidden
+``[T, H]`` and weight ``[V, H]`` get gradients; the teacher's hidden states and weight do not), fp32 on CPU:
+
+- ``naive``:  full student and teacher logits ``[T, V]``, log-softmax, the reference divergence, autograd.
+- ``fused``:  ``fused_linear_divergence`` at TP=1 (recompute in backward, the default).
+- ``fused_gif``: the same with ``recompute=False`` (gradients computed during forward).
+- ``liger``:  Liger's ``LigerFusedLinearJSDLoss``, compiled (JSD only; hard-loss weight 0, its default chunk).
+- ``fused_tp2``: ``fused_linear_divergence`` at TP=2: two gloo processes, each with half the vocabulary.
+- ``floor``:  the bare matmuls, chunked with the same chunk size: student logits, teacher logits, and the
+  two backward matmuls of the student lm-head (``grad_h``, ``grad_W``); no softmax, no divergence.
+
+Method. Every variant runs in a fresh subprocess with ``--threads`` intra-op threads (each TP=2 rank gets
+the same number, so TP=2 uses twice the cores). It builds the inputs, runs one untimed warm-up iteration
+(which also compiles Liger), then ``--iters`` timed iterations; the reported time is the fastest
+(the machine may be shared; the minimum is the least noisy estimate). Peak extra memory is the peak
+resident set size during the timed iterations minus the resident set size just before them, when the
+inputs are allocated and the previous gradients freed: a thread samples ``/proc/self/statm`` every
+0.5 ms. So that freed memory really leaves the process (and a later peak is not hidden inside memory
+glibc kept from an earlier one), the subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` and
+``MALLOC_TRIM_THRESHOLD_=0``. For TP=2 the time and memory are the maximum over the two ranks.
+
+The loss of every variant is printed next to the naive one (a sanity check that they compute the same
+thing). Results go to a table on stdout and to the JSON file given by ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SHAPES_FULL = [(4096, 512, 32768), (2048, 1024, 131072)]
+SHAPES_QUICK = [(512, 128, 4096)]
+VARIANTS = ("naive", "fused", "fused_gif", "liger", "fused_tp2", "floor")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side: one variant in this process
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Samples the resident set size in a background thread (PyTorch ops release the GIL)."""
+
+    def __init__(self, period_s: float = 5e-4):
+        self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = _rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(self.period_s)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _make_inputs(T: int, H: int, V: int, rank: int, world: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    hidden = torch.randn(T, H, generator=g)
+    t_hidden = torch.randn(T, H, generator=g)
+    shard = slice(rank * V // world, (rank + 1) * V // world)
+    # Generate the full weights in row blocks so a TP rank never holds more than its shard plus a block.
+    weight, t_weight = [], []
+    for v0 in range(0, V, 8192):
+        w = torch.randn(min(8192, V - v0), H, generator=g) / H**0.5
+        tw = torch.randn(min(8192, V - v0), H, generator=g) / H**0.5 * 2
+        lo, hi = max(v0, shard.start), min(v0 + w.shape[0], shard.stop)
+        if lo < hi:
+            weight.append(w[lo - v0 : hi - v0].clone())
+            t_weight.append(tw[lo - v0 : hi - v0].clone())
+    return hidden, torch.cat(weight), t_hidden, torch.cat(t_weight)
+
+
+def _step_fn(variant: str, args, hidden, weight, t_hidden, t_weight, group):
+    """A closure running one forward + backward; returns the loss value."""
+    import torch
+
+    from opd_megatron.losses import auto_chunk_size, divergence_from_logits, fused_linear_divergence
+
+    div = dict(divergence=args.divergence, jsd_beta=args.beta)
+    chunk = args.chunk or auto_chunk_size(weight.shape[0])
+
+    if variant == "naive":
+
+        def step():
+            logits = hidden @ weight.T
+            with torch.no_grad():
+                t_logits = t_hidden @ t_weight.T
+            loss = divergence_from_logits(t_logits, logits, args.divergence, jsd_beta=args.beta)
+            loss.backward()
+            return loss.item()
+
+    elif variant in ("fused", "fused_gif", "fused_tp2"):
+
+        def step():
+            out = fused_linear_divergence(
+                hidden,
+                weight,
+                teacher_hidden_TH=t_hidden,
+                teacher_weight_VH=t_weight,
+                chunk_size=chunk,
+                tp_group=group,
+                recompute=variant != "fused_gif",
+                **div,
+            )
+            out.loss.backward()
+            return out.loss.item()
+
+    elif variant == "liger":
+        if args.divergence != "jsd":
+            raise SystemExit("the Liger baseline is a JSD loss; use --divergence jsd")
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        loss_fn = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=args.beta, compiled=True
+        )
+        labels = torch.zeros(hidden.shape[0], dtype=torch.long)
+
+        def step():
+            loss = loss_fn(hidden, weight, t_hidden, t_weight, labels)
+            loss.backward()
+            return loss.item()
+
+    elif variant == "floor":
+        T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+
+        def step():
+            s_CV = torch.empty(chunk, V)
+            t_CV = torch.empty(chunk, V)
+            grad_h = torch.empty(T, H)
+            grad_w = torch.zeros(V, H)
+            with torch.no_grad():
+                for c0 in range(0, T, chunk):
+                    c1 = min(c0 + chunk, T)
+                    s, t = s_CV[: c1 - c0], t_CV[: c1 - c0]
+                    torch.matmul(hidden[c0:c1], weight.T, out=s)
+                    torch.matmul(t_hidden[c0:c1], t_weight.T, out=t)
+                    torch.matmul(s, weight, out=grad_h[c0:c1])  # s stands in for dLoss/dlogits
+                    grad_w.addmm_(s.T, hidden[c0:c1])
+            hidden.grad, weight.grad = grad_h, grad_w
+            return float("nan")
+
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    return step
+
+
+def run_worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    group, rank, world = None, 0, 1
+    if args.variant == "fused_tp2":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    T, H, V = args.shape
+    hidden, weight, t_hidden, t_weight = _make_inputs(T, H, V, rank, world)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    step = _step_fn(args.variant, args, hidden, weight, t_hidden, t_weight, group)
+
+    def run_once():
+        hidden.grad = weight.grad = None
+        if group is not None:
+            torch.distributed.barrier(group)
+        t0 = time.perf_counter()
+        loss = step()
+        return time.perf_counter() - t0, loss
+
+    warmup_s, loss = run_once()
+    hidden.grad = weight.grad = None
+    times, peak_extra = [], 0
+    for _ in range(args.iters):
+        hidden.grad = weight.grad = None
+        before = _rss()
+        with _PeakRSS() as peak:
+            dt, loss = run_once()
+        times.append(dt)
+        peak_extra = max(peak_extra, peak.peak - before)
+    return dict(rank=rank, times_s=times, warmup_s=warmup_s, peak_extra_bytes=peak_extra, loss=loss)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side: one subprocess per variant (two for TP=2), table, JSON
+# ----------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(variant: str, shape, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--shape", *map(str, shape)]
+    cmd += ["--threads", str(args.threads), "--iters", str(args.iters), "--divergence", args.divergence]
+    cmd += ["--beta", str(args.beta)] + (["--chunk", str(args.chunk)] if args.chunk else [])
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(args.threads)}
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    world = 2 if variant == "fused_tp2" else 1
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        rank_env = dict(
+            env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+        )
+        procs.append(
+            subprocess.Popen(cmd, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=args.timeout)
+        if p.returncode != 0:
+            return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit code {p.returncode}"}
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return dict(
+        time_s=max(min(r["times_s"]) for r in results),
+        times_s=[r["times_s"] for r in results],
+        warmup_s=max(r["warmup_s"] for r in results),
+        peak_extra_bytes=max(r["peak_extra_bytes"] for r in results),
+        loss=results[0]["loss"],
+    )
+
+
+def _targets(rows: dict) -> list[dict]:
+    """The issue's targets for one shape: (b) memory <= 25% of (a), (b) <= (c) time, (b) <= 1.5x floor."""
+    out = []
+    fused, naive, liger, floor = (rows.get(k, {}) for k in ("fused", "naive", "liger", "floor"))
+
+    def ok(*rs):
+        return all(r and "error" not in r for r in rs)
+
+    if ok(fused, naive):
+        ratio = fused["peak_extra_bytes"] / max(naive["peak_extra_bytes"], 1)
+        out.append(
+            dict(target="peak extra memory fused <= 25% of naive", value=ratio, limit=0.25, met=ratio <= 0.25)
+        )
+    if ok(fused, liger):
+        ratio = fused["time_s"] / liger["time_s"]
+        out.append(dict(target="time fused <= time liger (JSD)", value=ratio, limit=1.0, met=ratio <= 1.0))
+    if ok(fused, floor):
+        ratio = fused["time_s"] / floor["time_s"]
+        out.append(dict(target="time fused <= 1.5x floor", value=ratio, limit=1.5, met=ratio <= 1.5))
+    return out
+
+
+def _print_shape(shape, rows: dict, targets: list[dict]) -> None:
+    T, H, V = shape
+    naive, floor = rows.get("naive", {}), rows.get("floor", {})
+    print(f"\nT={T} H={H} V={V}")
+    head = f"{'variant':<11} {'time s':>8} {'x floor':>8} {'x naive':>8} {'peak MiB':>9} {'x naive':>8} {'loss':>12}"
+    print(head)
+    print("-" * len(head))
+    for name in VARIANTS:
+        r = rows.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"{name:<11} error: {r['error']}")
+            continue
+        xf = r["time_s"] / floor["time_s"] if floor.get("time_s") else float("nan")
+        xn = r["time_s"] / naive["time_s"] if naive.get("time_s") else float("nan")
+        mem = r["peak_extra_bytes"] / 2**20
+        xm = (
+            r["peak_extra_bytes"] / naive["peak_extra_bytes"]
+            if naive.get("peak_extra_bytes")
+            else float("nan")
+        )
+        print(
+            f"{name:<11} {r['time_s']:>8.2f} {xf:>8.2f} {xn:>8.2f} {mem:>9.0f} {xm:>8.2f} {r['loss']:>12.6f}"
+        )
+    for t in targets:
+        verdict = "met" if t["met"] else f"MISSED by {t['value'] / t['limit'] - 1:.0%}"
+        print(f"  target: {t['target']}: {t['value']:.2f} (limit {t['limit']}) -> {verdict}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one small shape, to check the script works")
+    p.add_argument("--out", default="bench_results/fused_kl.json")
+    p.add_argument("--shapes", nargs="+", default=None, help="T,H,V triples, e.g. 4096,512,32768")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
+    p.add_argument("--divergence", default="jsd")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--chunk", type=int, default=0, help="tokens per chunk for ours and the floor (0: auto)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        args.variant = args.worker
+        print(json.dumps(run_worker(args)))
+        return 0
+
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    else:
+        shapes = SHAPES_QUICK if args.quick else SHAPES_FULL
+    report = dict(
+        settings=dict(
+            threads=args.threads, iters=args.iters, divergence=args.divergence, beta=args.beta, chunk=args.chunk,
+            dtype="float32", device="cpu", machine=platform.machine(), cpus=os.cpu_count(),
+        ),
+        results=[],
+    )  # fmt: skip
+    for shape in shapes:
+        rows = {}
+        for variant in args.variants:
+            print(f"running {variant} at T,H,V={shape} ...", file=sys.stderr, flush=True)
+            rows[variant] = _launch(variant, shape, args)
+        targets = _targets(rows)
+        _print_shape(shape, rows, targets)
+        report["results"].append(dict(T=shape[0], H=shape[1], V=shape[2], variants=rows, targets=targets))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
