@@ -93,7 +93,9 @@ def run_launch(args: argparse.Namespace) -> int:
     result = launch(cfg, opts, wait=args.wait)
     print(f"experiment {result.experiment_id}: {result.experiment_dir}")
     if cfg.launch.executor != "slurm":
-        return 0
+        if result.states:
+            print(f"local job(s): {', '.join(result.states)}")
+        return 0 if all(s == "SUCCEEDED" for s in result.states) else 1
     for job_id in result.job_ids:
         print(f"SLURM job {job_id}")
     if not args.wait:

@@ -119,6 +119,8 @@ class LaunchResult:
     """Batch script of each SLURM job, by file name (dry run and real submission)."""
     job_scripts: dict[str, str] = field(default_factory=dict)
     """The per-node scripts the executors run, by task name."""
+    states: list[str] = field(default_factory=list)
+    """Final nemo-run state of each job of a local run that was waited for (``SUCCEEDED``, ``FAILED``)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,16 +439,18 @@ def slurm_job_id_from_handle(handle: str) -> str:
 
 
 def launch(cfg: RunConfig, opts: LaunchOptions | None = None, *, wait: bool = False) -> LaunchResult:
-    """Submit the run. SLURM jobs are detached (this process may exit); a local run is waited for when
-    ``wait`` is true."""
+    """Submit the run. SLURM jobs are detached (this process may exit; see
+    :func:`opd_megatron.launch.slurm.wait_for_job`); a local run is waited for when ``wait`` is true."""
     exp, scripts = build_experiment(cfg, opts)
+    slurm = cfg.launch.executor == "slurm"
     try:
-        if cfg.launch.executor == "slurm":
-            exp.run(detach=True)
-            ids = [slurm_job_id_from_handle(j.handle) for j in exp.jobs]
-        else:
-            exp.run(detach=not wait, tail_logs=wait)
-            ids = [j.handle for j in exp.jobs]
-        return LaunchResult(exp._id, exp._exp_dir, ids, _collect_sbatch(exp._exp_dir), scripts)
+        exp.run(detach=slurm or not wait, tail_logs=wait and not slurm)
     finally:
-        exp.__exit__(None, None, None)
+        exp.__exit__(None, None, None)  # a waited-for local run finishes in here
+    if slurm:
+        ids = [slurm_job_id_from_handle(j.handle) for j in exp.jobs]
+        states: list[str] = []
+    else:
+        ids = [j.handle for j in exp.jobs]
+        states = [getattr(j.state, "name", str(j.state)) for j in exp.jobs] if wait else []
+    return LaunchResult(exp._id, exp._exp_dir, ids, _collect_sbatch(exp._exp_dir), scripts, states)

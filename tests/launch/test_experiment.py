@@ -241,3 +241,19 @@ def test_cli_dryrun_prints_scripts(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "launch.nodes" in bad.stderr
+
+
+@pytest.mark.parametrize("exit_code, state", [(0, "SUCCEEDED"), (3, "FAILED")])
+def test_local_launch_runs_the_job_script_and_reports_its_state(tmp_path, exit_code, state):
+    """A real nemo-run local execution, with a stand-in interpreter in place of torchrun."""
+    from opd_megatron.launch import launch
+
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "args"}\nexit {exit_code}\n')
+    stub.chmod(0o755)
+    cfg = load_config(None, ["launch.gpus_per_node=2", f"launch.job_dir={tmp_path / 'jobs'}"])
+    result = launch(cfg, LaunchOptions(python=str(stub), workdir=str(tmp_path)), wait=True)
+    assert result.states == [state]
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:4] == ["-m", "torch.distributed.run", "--standalone", "--nnodes=1"]
+    assert args[-3:-1] == ["opd_megatron.cli", "sft"]
