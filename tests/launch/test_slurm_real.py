@@ -57,6 +57,24 @@ def slurm_cluster():
         sl.down(root, remove=True)
 
 
+def test_local_cluster_runs_a_wrap_job(slurm_cluster, tmp_path):
+    """The cluster itself: the node is idle and a trivial batch job runs (fast failure diagnosis)."""
+    env = slurm_cluster.client_env()
+    state = subprocess.run(["sinfo", "--noheader", "--format=%T"], env=env, capture_output=True, text=True)
+    assert state.stdout.strip() == "idle"
+    out = tmp_path / "wrap.out"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--output={out}", "--wrap", "echo node=$SLURMD_NODENAME"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    info = wait_for_job(submit.stdout.strip(), 60, env=env, poll_s=0.2)
+    assert info.state == "COMPLETED" and info.exit_code == "0:0"
+    assert out.read_text().strip() == f"node={slurm_cluster.node}"
+
+
 def _tiny_run(tmp_path: Path, cluster, name: str):
     return load_config(
         None,
