@@ -1,7 +1,7 @@
 """Graceful preemption: turn SIGTERM / SIGUSR1 into "save a checkpoint, then stop (and requeue)".
 
-Clusters stop jobs with a signal and a grace period: SLURM sends SIGTERM on preemption and ``scancel``
-(``KillWait`` seconds before SIGKILL), and ``#SBATCH --signal=USR1@120`` sends SIGUSR1 that long before
+Clusters stop jobs with a signal and a grace period: SLURM sends SIGTERM on preemption (``GraceTime``
+seconds before SIGKILL) and on ``scancel`` (``KillWait`` seconds before), and ``#SBATCH --signal=USR1@120`` sends SIGUSR1 that long before
 the time limit. A signal handler must not save a Megatron checkpoint itself (it would run in the middle
 of a collective), so the handler only sets a flag; the trainer polls it once per step.
 
@@ -39,8 +39,8 @@ before anything starts helper processes; a helper started earlier stays exposed.
 
 torchrun and signals: the torchrun agent forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers and
 SIGKILLs them 30 s later; SIGUSR1 *kills torchrun* unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it.
-The launchers in ``opd_megatron.launch`` and ``slurm/`` set that variable; a save that takes longer
-than 30 s needs the signal sent straight to the workers instead.
+The launchers in ``opd_megatron.launch`` and ``slurm/`` set that variable. As SLURM signals torchrun
+too, the final save must fit in those 30 s (and in the cluster's grace period).
 """
 
 from __future__ import annotations
