@@ -503,7 +503,9 @@ def _is_main() -> bool:
 
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConversionError(f"output {out} exists and is not empty (pass overwrite to replace it)")
+        raise ConversionError(
+            f"output {out} exists and is not empty (--overwrite, or overwrite=True, replaces it)"
+        )
 
 
 def _prepare_output(out: Path, staging: Path, overwrite: bool) -> None:

@@ -391,3 +391,26 @@ def test_sharded_writer_bounds_shards_and_reads_back(tmp_path):
         assert torch.equal(back.read(name, 1, 2, 5), t[:, 2:5])  # a tensor-parallel column shard
     _write_weights(tmp_path / "one", tensors)
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_config_written_without_an_imported_one_reads_back_in_transformers(arch):
+    """A checkpoint trained here from scratch has no HF config to start from: the generated one must
+    describe the same model to transformers."""
+    from transformers import AutoConfig
+
+    from opd_megatron.config import ModelConfig
+
+    cfg = ModelConfig(
+        num_layers=3, hidden_size=96, num_attention_heads=6, num_query_groups=2, ffn_hidden_size=160,
+        rotary_base=500000.0, norm_epsilon=1e-6, tie_embeddings=False, add_qkv_bias=arch.startswith("Qwen2"),
+    )  # fmt: skip
+    hf = hf_config_from_model_config(cfg, 77, arch, torch.bfloat16)
+    loaded = AutoConfig.for_model(**hf)
+    assert type(loaded).__name__ == arch.replace("ForCausalLM", "Config")
+    assert (loaded.num_hidden_layers, loaded.num_key_value_heads, loaded.intermediate_size) == (3, 2, 160)
+    assert loaded.rope_parameters["rope_theta"] == 500000.0 and loaded.vocab_size == 77
+    assert not loaded.tie_word_embeddings
+    assert model_config_from_hf(hf)[1] == ModelConfig(
+        **{**cfg.__dict__, "vocab_size": 77, "params_dtype": "bf16"}
+    )

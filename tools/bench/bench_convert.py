@@ -3,7 +3,7 @@
 Builds a randomly initialised ``LlamaForCausalLM`` from a config (nothing is downloaded), saves it as
 sharded HF safetensors, then runs ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to_hf.py``
 each in its own process, measuring that process's wall time, the conversion time it reports, and its peak
-resident memory (its own ``ru_maxrss``, printed as it exits). A tiny model converted the same way gives the
+resident memory (its own ``VmHWM``, printed as it exits). A tiny model converted the same way gives the
 fixed cost of a process (Python, torch, Megatron-core), so the report also gives the peak memory above that
 baseline as a multiple of the checkpoint size: streaming means about 1x, never 2x. Finally the exported
 tensors are compared with the original ones.
@@ -87,13 +87,15 @@ def run_measured(cmd: list[str]) -> dict:
 
 
 _WRAPPER = """
-import resource, runpy, sys
+import re, runpy, sys
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
-    # ru_maxrss is the high-water mark of this process's resident memory, in KiB on Linux.
-    print(f"PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
+    # VmHWM: this process's resident high-water mark. Not ru_maxrss: Linux carries that across exec from
+    # the parent, which holds the HF model it just built.
+    peak_kb = re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)
+    print("PEAK_RSS_KB=" + peak_kb, flush=True)
 """
 
 
