@@ -204,14 +204,14 @@ class PreemptionHandler:
         the next step's collective. Costs one scalar all-reduce; without torch.distributed it is just
         :attr:`requested`.
         """
-        import torch
-        import torch.distributed as dist
-
         if self._previous_mask is not None and threading.current_thread() is threading.main_thread():
             # Other code may have unblocked the signals since install; renew the block (one syscall).
             signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
-        if not (dist.is_available() and dist.is_initialized()):
+        dist = sys.modules.get("torch.distributed")  # never imported: cannot be initialised either
+        if dist is None or not (dist.is_available() and dist.is_initialized()):
             return self.requested
+        import torch
+
         device = (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
         )
@@ -251,11 +251,7 @@ class PreemptionHandler:
 
 
 def _global_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:
-        pass
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group, and no import cost
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return 0

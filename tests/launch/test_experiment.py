@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -215,32 +214,20 @@ def test_job_script_runs_under_bash(tmp_path):
     assert reloaded.name == 'it\'s "quoted" $HOME' and to_dict(reloaded) == to_dict(cfg)
 
 
-def test_cli_dryrun_prints_scripts(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "opd_megatron.cli",
-            "launch",
-            "--dryrun",
-            "launch.executor=slurm",
-            "launch.nodes=2",
-            "launch.gpus_per_node=8",
-            f"launch.job_dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "#SBATCH --nodes=2" in proc.stdout and "--nproc-per-node=8" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "opd_megatron.cli", "launch", "--dryrun", "launch.nodes=0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2 and "launch.nodes" in bad.stderr
+def test_cli_dryrun_prints_scripts(tmp_path, capsys):
+    from opd_megatron.cli import main
+
+    argv = ["launch", "--dryrun", "launch.executor=slurm", "launch.nodes=2", "launch.gpus_per_node=8"]
+    assert main([*argv, f"launch.job_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in out and "--nproc-per-node=8" in out
+
+
+def test_cli_reports_config_errors(capsys):
+    from opd_megatron.cli import main
+
+    assert main(["launch", "--dryrun", "launch.nodes=0"]) == 2
+    assert "launch.nodes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("exit_code, state", [(0, "SUCCEEDED"), (3, "FAILED")])
