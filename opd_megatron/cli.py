@@ -76,6 +76,32 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    path, overrides = _split_config(args)
+    if path is None and not any(o.startswith("teachers") for o in overrides):
+        from opd_megatron.train.opd_demo import run_opd_demo
+
+        return run_opd_demo(None, overrides)
+    cfg = load_config(path, overrides)
+    _preflight(cfg)
+    from opd_megatron.train.opd import run_opd
+
+    result = run_opd(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from opd_megatron.train.report import print_table
+
+        rows = [
+            [d, f"{result.eval_before.get(d, float('nan')):.3f}", f"{v:.3f}"]
+            for d, v in result.eval_after.items()
+        ]
+        rows.append(["reverse KL to teacher", f"{result.kl_before:.4f}", f"{result.kl_after:.4f}"])
+        print_table(f"OPD {cfg.name}: held-out exact match", ["domain", "before", "after"], rows)
+        print(
+            f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s, {result.skipped_steps} skipped steps)"
+        )
+    return 0
+
+
 def cmd_demo(args) -> int:
     from opd_megatron.train.demo import run_demo
 
@@ -89,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning (the specialise stage)")
     _add_config_args(p)
     p.set_defaults(func=cmd_sft)
+    p = sub.add_parser("run", help="on-policy distillation (no config: the built-in teacher -> student job)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)")
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)

@@ -1,0 +1,172 @@
+"""The OPD loop: it lowers the reverse KL to the teacher, resumes exactly, and never steps on NaN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+
+def _teacher_cfg(out: str):
+    from opd_megatron.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        name="teacher",
+        model=ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, max_sequence_length=32),
+        data=DataConfig(domains=["reversal"], train_size=600, eval_size=48, difficulty=3),
+        train=TrainConfig(
+            steps=200,
+            micro_batch_size=32,
+            lr=2e-3,
+            min_lr=2e-4,
+            eval_every=0,
+            eval_samples=16,
+            output_dir=out,
+            progress=False,
+        ),
+    )
+
+
+def _student_cfg(out: str, teacher_ckpt: str, **train):
+    from opd_megatron.config import (
+        DataConfig,
+        LossConfig,
+        ModelConfig,
+        RolloutConfig,
+        RunConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
+
+    return RunConfig(
+        name="student",
+        model=ModelConfig(num_layers=2, hidden_size=96, num_attention_heads=4, max_sequence_length=32),
+        teachers=[TeacherConfig(name="expert", checkpoint=teacher_ckpt)],
+        loss=LossConfig(divergence="reverse_kl"),
+        rollout=RolloutConfig(max_new_tokens=6, temperature=1.0),
+        data=DataConfig(domains=["reversal"], train_size=600, eval_size=48, difficulty=3),
+        train=TrainConfig(
+            **{
+                "steps": 60,
+                "micro_batch_size": 16,
+                "lr": 2e-3,
+                "min_lr": 2e-4,
+                "warmup_steps": 4,
+                "eval_every": 0,
+                "eval_samples": 24,
+                "output_dir": out,
+                "progress": False,
+                **train,
+            }
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opd_teacher")
+    return run_ranks(_train_teacher, 1, timeout=500, args=(str(root),))[0]
+
+
+def _train_teacher(rank, root):
+    """The teacher (SFT), and the student's warm start: a short SFT so its first rollouts are not noise."""
+    from opd_megatron.train.sft import run_sft
+
+    r = run_sft(_teacher_cfg(f"{root}/teacher"))
+    assert r.eval_after["reversal"] > 0.3, r.eval_after
+    warm = _student_cfg(f"{root}/warm", "unused", steps=60, lr=2e-3, min_lr=2e-4)
+    warm.teachers = []
+    return str(r.checkpoint), str(run_sft(warm).checkpoint)
+
+
+def _opd_run(rank, out, ckpts):
+    from opd_megatron.train.opd import run_opd
+
+    teacher, warm = ckpts
+    r = run_opd(_student_cfg(out, teacher, init_checkpoint=warm))
+    return r.kl_before, r.kl_after, r.skipped_steps
+
+
+def test_opd_lowers_heldout_reverse_kl(tmp_path, teacher_ckpt):
+    kl_before, kl_after, skipped = run_ranks(_opd_run, 1, timeout=500, args=(str(tmp_path), teacher_ckpt))[0]
+    assert skipped == 0
+    assert kl_after < 0.85 * kl_before, f"held-out reverse KL went from {kl_before:.3f} to {kl_after:.3f}"
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def _losses(out: str) -> list[float]:
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def _resume(rank, root, ckpts):
+    import shutil
+
+    from opd_megatron.train.opd import run_opd
+
+    teacher = ckpts[0]
+    straight = Path(root) / "straight"
+    run_opd(_student_cfg(str(straight), teacher, steps=6, save_every=3, eval_samples=4))
+    resumed = Path(root) / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003")
+    run_opd(_student_cfg(str(resumed), teacher, steps=6, save_every=3, eval_samples=4))
+    return _losses(str(straight)), _losses(str(resumed))
+
+
+def test_resume_gives_the_same_losses(tmp_path, teacher_ckpt):
+    straight, resumed = run_ranks(_resume, 1, timeout=500, args=(str(tmp_path), teacher_ckpt))[0]
+    assert len(straight) == 6 and len(resumed) == 3
+    assert resumed == pytest.approx(straight[3:], abs=1e-6)
+
+
+def _nan_and_empty(rank, out, ckpts):
+    from opd_megatron.rollout.types import Rollout
+    from opd_megatron.train.opd import OPDTrainer
+
+    trainer = OPDTrainer(_student_cfg(out, ckpts[0], steps=3))
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    real_score = trainer.teacher.score
+
+    def nan_score(rows, prompts, comps):
+        t = real_score(rows, prompts, comps)
+        t.hidden_NH[0, 0] = float("nan")
+        return t
+
+    trainer.teacher.score = nan_score
+    rec_nan = trainer.train_step(0)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    trainer.teacher.score = real_score
+
+    real_generate = trainer.sampler.generate
+
+    def half_empty(prompts, params, mix_with=None):
+        ro = real_generate(prompts, params, mix_with=mix_with)
+        n = len(ro.completion_ids) // 2
+        return Rollout(
+            prompt_ids=ro.prompt_ids,
+            completion_ids=[[] for _ in range(n)] + ro.completion_ids[n:],
+            logprobs=[[] for _ in range(n)] + ro.logprobs[n:],
+            finish_reason=ro.finish_reason,
+            importance_weights=None,
+        )
+
+    trainer.sampler.generate = half_empty
+    rec_empty = trainer.train_step(1)
+    changed = not all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+    return rec_nan, unchanged, rec_empty, changed, dict(trainer.skipped)
+
+
+def test_nan_teacher_skips_step_and_empty_rollouts_are_counted(tmp_path, teacher_ckpt):
+    rec_nan, unchanged, rec_empty, changed, skipped = run_ranks(
+        _nan_and_empty, 1, timeout=300, args=(str(tmp_path), teacher_ckpt)
+    )[0]
+    assert rec_nan["skipped"] and "non-finite" in rec_nan["reason"]
+    assert unchanged, "a step with NaN teacher scores changed the parameters"
+    assert skipped["nonfinite"] == 1
+    assert skipped["empty_rollouts"] == 8  # half of the 16 rows came back empty and were dropped
+    assert not rec_empty["skipped"] and changed  # the other half trained
