@@ -11,15 +11,24 @@ import torch
 
 
 def decoder_hidden_states(
-    model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    inference_context=None,
 ) -> torch.Tensor:
     """This stage's decoder output ``[s, b, h]``; on the last stage it is final-normed, ready for the
-    output layer. Non-first stages read their input from ``model.set_input_tensor``."""
-    pre = model._preprocess(input_ids=input_ids, position_ids=position_ids)
+    output layer. Non-first stages read their input from ``model.set_input_tensor``. With an
+    ``inference_context`` (e.g. Megatron-core's ``StaticInferenceContext``, model in eval mode) the
+    attention layers append to and read from its KV cache; the caller advances its offsets."""
+    pre = model._preprocess(
+        input_ids=input_ids, position_ids=position_ids, inference_context=inference_context
+    )
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
     return model.decoder(
         hidden_states=decoder_input,
         attention_mask=attention_mask,
+        inference_context=inference_context,
         rotary_pos_emb=rotary_pos_emb,
         rotary_pos_cos=rotary_pos_cos,
         rotary_pos_sin=rotary_pos_sin,

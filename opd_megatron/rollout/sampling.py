@@ -38,6 +38,11 @@ __all__ = [
 ]
 
 
+# torch >= 2.13 names the single-tensor all-gather all_gather_single; older releases only have the
+# (since deprecated) all_gather_into_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass(frozen=True)
 class VocabShard:
     """This rank's slice ``[start, start + size)`` of a vocabulary split across a TP group."""
@@ -52,9 +57,12 @@ class VocabShard:
         rows_BK = rows_BK.to(torch.float64).contiguous()
         if self.tp_size == 1:
             return rows_BK.unsqueeze(0)
-        out_RBK = torch.empty((self.tp_size, *rows_BK.shape), dtype=rows_BK.dtype, device=rows_BK.device)
-        dist.all_gather_into_tensor(out_RBK, rows_BK, group=self.tp_group)
-        return out_RBK
+        # Ranks' rows are concatenated along the first dimension: [tp * B, k].
+        out_XK = torch.empty(
+            (self.tp_size * rows_BK.shape[0], *rows_BK.shape[1:]), dtype=rows_BK.dtype, device=rows_BK.device
+        )
+        _all_gather_single(out_XK, rows_BK, group=self.tp_group)
+        return out_XK.view(self.tp_size, *rows_BK.shape)
 
 
 def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
