@@ -32,7 +32,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VENV)/bin/opd-megatron demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VENV)/bin/opd-megatron run
 
 test: $(VENV)/.installed-dev
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q $(PYTEST_ARGS)

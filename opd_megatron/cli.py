@@ -102,25 +102,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from opd_megatron.train.demo import run_demo
-
-    path, overrides = _split_config(args)
-    return run_demo(path, overrides)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sft", help="supervised fine-tuning (the specialise stage)")
     _add_config_args(p)
     p.set_defaults(func=cmd_sft)
-    p = sub.add_parser("run", help="on-policy distillation (no config: the built-in teacher -> student job)")
+    p = sub.add_parser(
+        "run", help="on-policy distillation; without a config, the built-in teacher -> student job of `make demo`"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_demo)
     try:
         from opd_megatron.launch.cli import add_launch_parser
 

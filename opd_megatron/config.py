@@ -336,6 +336,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_samples: int = 64
     """Held-out prompts per domain for each evaluation."""
+    eval_pass_k: int = 4
+    """OPD evaluations also report pass@k: k samples at the rollout temperature, correct if any is (0: off)."""
     log_every: int = 10
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""

@@ -119,7 +119,7 @@ def sft_on_teacher_samples(root: Path, seed: int, steps: int, teacher: str, init
     from opd_megatron.models.checkpoint import load_model_weights
 
     load_model_weights(ckpt, trainer.student)
-    em, kl = trainer.evaluate()
+    em, kl, _ = trainer.evaluate()
     return {"exact_match": em[DOMAIN], "heldout_reverse_kl": kl}
 
 

@@ -512,12 +512,8 @@ class OPDTrainer:
         preempt = PreemptionHandler.install()
         em_before, kl_before = ({}, float("nan"))
         if start == 0:
-            em_before, kl_before = self.evaluate()
-            metrics.log(
-                "eval",
-                0,
-                {"heldout_reverse_kl": kl_before, **{f"exact_match/{d}": v for d, v in em_before.items()}},
-            )
+            em_before, kl_before, pk = self.evaluate()
+            metrics.log("eval", 0, self._eval_record(em_before, kl_before, pk))
         progress = Progress(
             tc.steps,
             f"opd {self.cfg.name}",
@@ -539,10 +535,7 @@ class OPDTrainer:
             progress.update(step + 1, info)
             done = step + 1
             if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
-                em, kl = self.evaluate()
-                metrics.log(
-                    "eval", done, {"heldout_reverse_kl": kl, **{f"exact_match/{d}": v for d, v in em.items()}}
-                )
+                metrics.log("eval", done, self._eval_record(*self.evaluate()))
             if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
                 self.save(done)
             if preempt.sync(None) and done < tc.steps:
@@ -552,12 +545,8 @@ class OPDTrainer:
                 metrics.close()
                 preempt.finish(ckpt)
         progress.close()
-        em_after, kl_after = self.evaluate()
-        metrics.log(
-            "eval",
-            tc.steps,
-            {"heldout_reverse_kl": kl_after, **{f"exact_match/{d}": v for d, v in em_after.items()}},
-        )
+        em_after, kl_after, pk_after = self.evaluate()
+        metrics.log("eval", tc.steps, self._eval_record(em_after, kl_after, pk_after))
         ckpt = self.save(tc.steps)
         metrics.close()
         if g.is_main:

@@ -96,6 +96,11 @@ def test_opd_lowers_heldout_reverse_kl(tmp_path, teacher_ckpt):
     assert skipped == 0
     assert kl_after < 0.85 * kl_before, f"held-out reverse KL went from {kl_before:.3f} to {kl_after:.3f}"
     assert (tmp_path / "curves.png").stat().st_size > 0
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 60]
+    assert all(0.0 <= r["pass@4/reversal"] <= 1.0 for r in evals)
+    assert any((tmp_path / "tensorboard").iterdir())
 
 
 def _losses(out: str) -> list[float]:
