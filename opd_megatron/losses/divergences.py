@@ -78,7 +78,7 @@ def _drop_dead(t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) = sum a (log a - log b) with 0 log(0 / b) = 0, autograd-safe at a = 0."""
     a = log_a.exp()
-    live = a > 0
+    live = a != 0  # not `> 0`: a nan must propagate, not be dropped as a zero-probability term
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
     diff = torch.where(live, log_a, zero) - torch.where(live, log_b, zero)
     return torch.where(live, a * diff, zero).sum(dim=-1)  # [..., V] -> [...]

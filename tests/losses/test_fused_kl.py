@@ -144,6 +144,21 @@ def test_extreme_logits_and_neg_inf_teacher_stay_finite(case):
     torch.testing.assert_close(per_token.double(), ref.double(), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("case", DIVERGENCE_CASES, ids=case_id)
+def test_nan_teacher_scores_propagate(case):
+    # A broken teacher must show up as a nan loss (which the training loop refuses to step on),
+    # never as a silently dropped term.
+    name, kw = case
+    hidden, weight, _, _, t_logits, mask = _inputs(dtype=torch.float32)
+    t_logits = t_logits.float()
+    t_logits[mask.nonzero()[0, 0], 3] = torch.nan
+    out = fused_linear_divergence(
+        hidden, weight, teacher_logits_TV=t_logits, mask_T=mask, divergence=name, **kw
+    )
+    assert torch.isnan(out.loss)
+    assert torch.isnan(divergence_from_logits(t_logits, hidden @ weight.T, name, mask=mask, **kw))
+
+
 def test_token_clip_t2_scaling_weights_and_normaliser():
     hidden, weight, t_hidden, t_weight, t_logits, _ = _inputs()
     weights = torch.rand(hidden.shape[0], dtype=torch.float64)
