@@ -97,7 +97,8 @@ class MegatronSampler:
             if not 0 <= tok < self.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the model's vocabulary [0, {self.vocab_size})")
         self._stage = CachedStage(model, groups)
-        self._teacher_stages: dict[int, CachedStage] = {}
+        # The teacher of the last mixed call: its cache is reused while the same teacher comes back.
+        self._teacher_stage: CachedStage | None = None
         per_rank = model.padded_vocab_size // groups.tp_size
         self._shard = VocabShard(
             start=self._stage.shard_start,
@@ -107,10 +108,10 @@ class MegatronSampler:
         )
 
     def release(self) -> None:
-        """Free the KV caches (student and teachers); the next call allocates them again."""
+        """Free the KV caches (student and teacher); the next call allocates them again. Training between
+        rollouts may want the memory back; the cache is otherwise kept so calls do not re-allocate."""
         self._stage.release()
-        for stage in self._teacher_stages.values():
-            stage.release()
+        self._teacher_stage = None
 
     # ------------------------------------------------------------------ validation
     def _check_request(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
@@ -137,7 +138,7 @@ class MegatronSampler:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: pass tokenizer= to MegatronSampler")
 
-    def _teacher_stage(self, teacher, alpha: float, params: SamplingParams) -> CachedStage:
+    def _mixing_stage(self, teacher, alpha: float, params: SamplingParams) -> CachedStage:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"mix_with alpha must be in [0, 1], got {alpha}")
         if params.greedy:
@@ -155,10 +156,9 @@ class MegatronSampler:
             )
         if (teacher.pre_process, teacher.post_process) != (self.model.pre_process, self.model.post_process):
             raise ValueError("the teacher must be split into the same pipeline stages as the student")
-        stage = self._teacher_stages.get(id(teacher))
-        if stage is None or stage.model is not teacher:
-            stage = self._teacher_stages[id(teacher)] = CachedStage(teacher, self.groups)
-        return stage
+        if self._teacher_stage is None or self._teacher_stage.model is not teacher:
+            self._teacher_stage = CachedStage(teacher, self.groups)
+        return self._teacher_stage
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -184,7 +184,7 @@ class MegatronSampler:
         alpha = 0.0
         if mix_with is not None:
             teacher, alpha = mix_with
-            stages.append(self._teacher_stage(teacher, float(alpha), params))
+            stages.append(self._mixing_stage(teacher, float(alpha), params))
         self._check_attention(prompts, [st.model for st in stages])
         generators = self._generators(params) if self.groups.is_last_stage else None
 

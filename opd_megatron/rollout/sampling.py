@@ -66,11 +66,15 @@ class VocabShard:
 
 
 def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard Gumbel noise shaped like ``like``: ``-log E`` with ``E ~ Exp(1)``."""
-    exp = torch.empty_like(like).exponential_(generator=generator)
-    # exponential_ may return 0 (probability ~2^-24 in fp32), whose -log is +inf and would win the argmax
-    # whatever the logit; the clamp keeps every draw finite.
-    return -exp.clamp_min_(torch.finfo(like.dtype).tiny).log_()
+    """Standard Gumbel noise shaped like ``like``: ``-log(-log U)`` with ``U ~ Uniform[0, 1)``.
+
+    Two logs of uniforms cost a third of ``Tensor.exponential_`` on CPU, and this runs over the whole
+    vocabulary shard at every step.
+    """
+    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    # U = 0 would give -inf noise (never chosen) and the clamp makes it merely very unlikely; both are a
+    # 2^-24 event and cannot give +inf, which would win the argmax whatever the logit.
+    return u.clamp_min_(torch.finfo(like.dtype).tiny).log_().neg_().log_().neg_()
 
 
 def _pick_rank(score_RB: torch.Tensor, *values_RB: torch.Tensor) -> list[torch.Tensor]:
@@ -148,11 +152,11 @@ def choose_filtered(
     b = logits_BV.shape[0]
     cand_vals_BC = g_RBX[..., :k_local].permute(1, 0, 2).reshape(b, -1)
     cand_idx_BC = g_RBX[..., k_local : 2 * k_local].permute(1, 0, 2).reshape(b, -1)
-    keep = min(cap, cand_vals_BC.shape[-1])
-    # The merged list is exact only for its first `cap` entries (a rank's (cap+1)-th token may beat
-    # another rank's cap-th); keeping exactly those makes the candidate set the global top-cap.
-    cand_vals_BC, order_BC = cand_vals_BC.topk(keep, dim=-1)
-    cand_idx_BC = cand_idx_BC.gather(-1, order_BC)
+    if shard.tp_size > 1:
+        # The merged list is exact only for its first `cap` entries (a rank's (cap+1)-th token may beat
+        # another rank's cap-th); keeping exactly those, sorted, makes it the global top-cap.
+        cand_vals_BC, order_BC = cand_vals_BC.topk(min(cap, cand_vals_BC.shape[-1]), dim=-1)
+        cand_idx_BC = cand_idx_BC.gather(-1, order_BC)
     if top_k > 0:
         log_norm_B = torch.logsumexp(cand_vals_BC, dim=-1)
     else:
@@ -164,7 +168,11 @@ def choose_filtered(
         # less than top_p (so the most likely token always stays).
         cand_vals_BC = cand_vals_BC.masked_fill(mass_before_BC >= top_p, float("-inf"))
     log_kept_B = torch.logsumexp(cand_vals_BC, dim=-1)
-    choice_B1 = (cand_vals_BC + gumbel_noise(cand_vals_BC, shared_generator)).argmax(dim=-1, keepdim=True)
+    # Every rank holds all candidates, so an inverse-CDF draw (one uniform per row) is enough; dropped
+    # tokens have zero width in the CDF and can never be chosen.
+    cdf_BC = (cand_vals_BC - log_kept_B.unsqueeze(-1)).exp().cumsum(dim=-1)
+    u_B1 = torch.rand(b, 1, generator=shared_generator, dtype=cdf_BC.dtype, device=cdf_BC.device)
+    choice_B1 = torch.searchsorted(cdf_BC, u_B1 * cdf_BC[:, -1:], right=True).clamp_max_(cdf_BC.shape[-1] - 1)
     tok_B = cand_idx_BC.gather(-1, choice_B1).squeeze(-1)
     logprob_B = cand_vals_BC.gather(-1, choice_B1).squeeze(-1) - log_kept_B
     return tok_B.long(), logprob_B

@@ -64,6 +64,7 @@ def _params(kind: str):
     return {
         "greedy": SamplingParams(max_new_tokens=N_NEW, temperature=0.0),
         "sampled": SamplingParams(max_new_tokens=N_NEW, temperature=1.0, seed=3),
+        "unseeded": SamplingParams(max_new_tokens=N_NEW, temperature=1.0),
         "top_k": SamplingParams(max_new_tokens=N_NEW, temperature=0.8, top_k=3, seed=4),
         "top_p": SamplingParams(max_new_tokens=N_NEW, temperature=0.8, top_p=0.6, seed=5),
         "mixed": SamplingParams(max_new_tokens=N_NEW, temperature=0.9, seed=6),
@@ -82,7 +83,8 @@ def _suite(student, teacher, groups) -> dict:
 
     sampler = MegatronSampler(student, groups, eos_id=EOS, pad_id=PAD, tokenizer=_tokenizer())
     prompts = _prompts()
-    out = {k: sampler.generate(prompts, _params(k)) for k in ("greedy", "sampled", "top_k", "top_p")}
+    kinds = ("greedy", "sampled", "unseeded", "top_k", "top_p")
+    out = {k: sampler.generate(prompts, _params(k)) for k in kinds}
     out["mixed"] = sampler.generate(prompts, _params("mixed"), mix_with=(teacher, MIX_ALPHA["mixed"]))
     return out
 
@@ -196,7 +198,8 @@ def _job(rank: int, root: str) -> dict:
             (layout, kind): _rescore(student, teacher, ro, _params(kind).temperature or 1.0)
             for layout in ("tp1", "tp2", "pp2")
             for kind, ro in out[layout].items()
-            if kind in ("greedy", "sampled", "top_k", "top_p", "mixed", "temp", "mixed_a0", "mixed_a1")
+            if kind
+            in ("greedy", "sampled", "unseeded", "top_k", "top_p", "mixed", "temp", "mixed_a0", "mixed_a1")
         }
     dist.barrier()
     return out
@@ -349,7 +352,7 @@ def test_greedy_equals_tp1_from_same_checkpoint(results, layout):
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-@pytest.mark.parametrize("kind", ["sampled", "top_k", "top_p", "mixed"])
+@pytest.mark.parametrize("kind", ["sampled", "unseeded", "top_k", "top_p", "mixed"])
 def test_parallel_samples_are_valid_with_tp1_logprobs(results, layout, kind):
     """Tokens are in the real vocabulary (never a padding row), inside the filtered set, and their
     behaviour log-probs equal the TP=1 model's recomputed log-softmax."""
