@@ -442,16 +442,32 @@ class OPDTrainer:
         )
         return float(broadcast_from_last_stage(value, (1,), torch.float64, g).item())
 
-    def evaluate(self) -> tuple[dict[str, float], float]:
+    def pass_at_k(self, k: int, limit: int) -> dict[str, float]:
+        """Share of held-out prompts per domain for which at least one of ``k`` samples (at the rollout
+        temperature) verifies; the samples of a prompt are drawn in one batch."""
+        scores = {}
+        for domain, rows in self.eval_rows.items():
+            rows = rows[:limit]
+            prompts = [prompt_ids(self.tokenizer, r.prompt) for r in rows for _ in range(k)]
+            params = SamplingParams(**{**self.params.__dict__, "seed": self.tc.seed + 17})
+            texts = [self.tokenizer.decode(c) for c in self.sampler.generate(prompts, params).completion_ids]
+            hits = [any(verify(r, texts[i * k + j]) for j in range(k)) for i, r in enumerate(rows)]
+            scores[domain] = sum(hits) / max(len(rows), 1)
+        return scores
+
+    def evaluate(self) -> tuple[dict[str, float], float, dict[str, float]]:
+        """Greedy exact match per domain, held-out reverse KL, and pass@k per domain."""
+        limit = self.tc.eval_samples
         em = exact_match(
-            self.student,
-            self.tokenizer,
-            self.eval_rows,
-            self.groups,
-            self.max_eval_tokens,
-            self.tc.eval_samples,
+            self.student, self.tokenizer, self.eval_rows, self.groups, self.max_eval_tokens, limit
         )
-        return em, self.heldout_kl(self.tc.eval_samples)
+        pk = self.pass_at_k(self.tc.eval_pass_k, limit) if self.tc.eval_pass_k else {}
+        return em, self.heldout_kl(limit), pk
+
+    def _eval_record(self, em, kl, pk) -> dict:
+        rec = {"heldout_reverse_kl": kl, **{f"exact_match/{d}": v for d, v in em.items()}}
+        rec.update({f"pass@{self.tc.eval_pass_k}/{d}": v for d, v in pk.items()})
+        return rec
 
     # ------------------------------------------------------------------ state
     def _rank_state(self) -> dict:
