@@ -12,8 +12,26 @@ from opd_megatron.tokenization.char import CharTokenizer
 
 __all__ = ["TOKENIZER_FILE", "CharTokenizer", "Tokenizer", "TokenizerError", "load_tokenizer"]
 
-_LOADERS = {"char": CharTokenizer.from_dict}
-"""Adapters that exist so far, by ``TokenizerConfig.kind``; each reads a saved descriptor."""
+
+def _adapter(kind: str):
+    # Imported lazily: each adapter pulls in its own tokenizer library.
+    if kind == "sentencepiece":
+        from opd_megatron.tokenization.sentencepiece_tok import SentencePieceTokenizer
+
+        return SentencePieceTokenizer
+    if kind == "tiktoken":
+        from opd_megatron.tokenization.tiktoken_tok import TiktokenTokenizer
+
+        return TiktokenTokenizer
+    if kind == "hf":
+        from opd_megatron.tokenization.hf_tok import HFTokenizer
+
+        return HFTokenizer
+    return CharTokenizer
+
+
+_LOADERS = {"char", "sentencepiece", "tiktoken", "hf"}
+"""Adapters by ``TokenizerConfig.kind``; each reads a saved descriptor with ``from_dict``."""
 
 
 def load_tokenizer(source: TokenizerConfig | str | os.PathLike) -> Tokenizer:
@@ -21,17 +39,32 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike) -> Tokenizer:
 
     ``source`` is a :class:`TokenizerConfig`, a saved tokenizer directory (e.g. a checkpoint), or the
     descriptor file inside one. For ``kind="char"`` a config gives the default character vocabulary,
-    unless ``path`` points at a saved one.
+    unless ``path`` points at a saved one. For the other kinds ``path`` is a saved directory, or the
+    tokenizer's own file: a SentencePiece ``.model``, a tiktoken ranks file (default pre-tokenisation
+    pattern; special tokens ``<|endoftext|>`` (EOS) then those of ``chat_template``, after the ranks), or
+    an HF ``tokenizer.json`` (EOS: the first of :data:`~opd_megatron.tokenization.hf_tok.EOS_CANDIDATES`).
     """
     if isinstance(source, TokenizerConfig):
         if source.kind not in _LOADERS:
             raise ConfigError(
                 "tokenizer.kind",
-                f"tokenizer kind {source.kind!r} is not available yet; supported: {', '.join(map(repr, _LOADERS))}",
+                f"tokenizer kind {source.kind!r} is not available; supported: {', '.join(map(repr, sorted(_LOADERS)))}",
             )
         if source.path is None:
             return CharTokenizer()
-        return load_tokenizer(source.path)
+        path = Path(source.path)
+        if source.kind == "char" or path.is_dir() or path.name == TOKENIZER_FILE:
+            return load_tokenizer(path)
+        if not path.is_file():
+            raise ConfigError("tokenizer.path", f"no tokenizer file at {path}")
+        cls = _adapter(source.kind)
+        if source.kind == "tiktoken":
+            from opd_megatron.tokenization.chat_templates import get_template
+            from opd_megatron.tokenization.tiktoken_tok import read_ranks
+
+            specials = ["<|endoftext|>", *get_template(source.chat_template).special_tokens]
+            return cls(read_ranks(path), list(dict.fromkeys(specials)), eos="<|endoftext|>")
+        return cls.from_file(path)
 
     path = Path(source)
     if path.is_dir():
@@ -47,6 +80,6 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike) -> Tokenizer:
     kind = data.get("kind")
     if kind not in _LOADERS:
         raise TokenizerError(
-            f"{path}: tokenizer kind {kind!r} is not supported; supported: {', '.join(map(repr, _LOADERS))}"
+            f"{path}: tokenizer kind {kind!r} is not supported; supported: {', '.join(map(repr, sorted(_LOADERS)))}"
         )
-    return _LOADERS[kind](data, source=str(path))
+    return _adapter(kind).from_dict(data, source=str(path))

@@ -17,7 +17,15 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TOKENIZER_FILE", "Tokenizer", "TokenizerError", "write_json_atomic"]
+__all__ = [
+    "TOKENIZER_FILE",
+    "Tokenizer",
+    "TokenizerError",
+    "char_offsets_from_bytes",
+    "char_spans_floor",
+    "spans_from_lengths",
+    "write_json_atomic",
+]
 
 TOKENIZER_FILE = "opd_tokenizer.json"
 """Name of the descriptor file inside a saved tokenizer directory."""
@@ -75,8 +83,60 @@ class Tokenizer(abc.ABC):
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """Ids that carry no text (pad, BOS, EOS)."""
+        """Ids that carry no text (pad, BOS, EOS, and any other special/control token)."""
         return frozenset(i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None)
+
+    # Byte-level view, used by cross-tokenizer alignment. Adapters of byte-level tokenizers override
+    # these: their tokens may end inside a multi-byte character, so only byte offsets are exact.
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """The UTF-8 bytes each token contributes to the text (``b""`` for special tokens).
+
+        Works on *any* id sequence, not only canonical encodings: a sampled rollout may tokenise its text
+        differently from :meth:`encode`, and alignment must use the tokens the student actually produced.
+        """
+        special = self.special_ids
+        return [b"" if int(i) in special else self.decode([int(i)]).encode("utf-8") for i in ids]
+
+    def encode_with_byte_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and, per token, its ``(start, end)`` span in ``text.encode("utf-8")``."""
+        ids = self.encode(text)
+        return ids, spans_from_lengths([len(b) for b in self.token_bytes(ids)])
+
+    def special_token_id(self, token: str) -> int:
+        """Id of the special token spelled ``token`` (e.g. ``"<|im_start|>"``); raises if there is none.
+
+        Special tokens are only ever produced by id, never by parsing text, so user content that merely
+        spells a special token stays text (see :mod:`opd_megatron.tokenization.chat_templates`)."""
+        raise TokenizerError(f"{type(self).__name__} has no special token {token!r}")
+
+    def special_token_text(self, token_id: int) -> str | None:
+        """Spelling of special token ``token_id``, or ``None`` if the id is not a special token."""
+        return None
+
+
+def spans_from_lengths(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive ``(start, end)`` spans of pieces with the given lengths, starting at 0."""
+    spans, pos = [], 0
+    for n in lengths:
+        spans.append((pos, pos + n))
+        pos += n
+    return spans
+
+
+def char_offsets_from_bytes(text: str, byte_spans: list[tuple[int, int]]) -> list[tuple[int, int] | None]:
+    """Character spans for byte spans of ``text.encode("utf-8")``; ``None`` where a span starts or ends
+    inside a multi-byte character (byte-level tokens may split one)."""
+    byte_to_char = {}
+    pos = 0
+    for ci, ch in enumerate(text):
+        byte_to_char[pos] = ci
+        pos += len(ch.encode("utf-8"))
+    byte_to_char[pos] = len(text)
+    out = []
+    for s, e in byte_spans:
+        cs, ce = byte_to_char.get(s), byte_to_char.get(e)
+        out.append(None if cs is None or ce is None else (cs, ce))
+    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -91,3 +151,16 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def char_spans_floor(text: str, byte_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character spans for byte spans, each byte offset rounded down to the start of its character.
+
+    A token that ends inside a multi-byte character is credited with none of it and the token that
+    completes the character covers all of it, so ``text[start:end]`` always is valid text and the spans
+    still tile the text (some may be empty)."""
+    floor = []
+    for ci, ch in enumerate(text):
+        floor.extend([ci] * len(ch.encode("utf-8")))
+    floor.append(len(text))
+    return [(floor[s], floor[e]) for s, e in byte_spans]
