@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_sft)
     p = sub.add_parser(
-        "run", help="on-policy distillation; without a config, the built-in teacher -> student job of `make demo`"
+        "run",
+        help="on-policy distillation; without a config, the built-in teacher -> student job of `make demo`",
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         from opd_megatron.models.hf_convert import add_convert_parser
 
         add_convert_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from opd_megatron.teachers.cli import add_serve_parser
+
+        add_serve_parser(sub)
     except ImportError:
         pass
     return parser

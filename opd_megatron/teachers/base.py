@@ -39,15 +39,34 @@ class TeacherTargets:
         return bool(torch.isfinite(self.hidden_NH).all())
 
 
+@dataclass
+class TopKTargets:
+    """Sparse per-token teacher scores (remote teachers): the teacher's top-k over its whole vocabulary,
+    one row per completion token, for :func:`~opd_megatron.losses.topk.topk_distillation_loss`."""
+
+    topk_ids_NK: torch.Tensor
+    """``[N, k]`` global vocabulary ids, most likely first."""
+    topk_logprobs_NK: torch.Tensor
+    """``[N, k]`` the teacher's normalised log-probs of those ids (temperature 1)."""
+    token_logprobs_N: torch.Tensor
+    """``[N]`` the teacher's log-prob of the sampled token (for the sampled-token objectives)."""
+
+    def finite(self) -> bool:
+        return bool(
+            torch.isfinite(self.topk_logprobs_NK).all() and torch.isfinite(self.token_logprobs_N).all()
+        )
+
+
 class Teacher(abc.ABC):
     name: str
 
     @abc.abstractmethod
     def score(
         self, rows: list[PromptRow], prompt_ids: list[list[int]], completion_ids: list[list[int]]
-    ) -> TeacherTargets | None:
+    ) -> TeacherTargets | TopKTargets | None:
         """Score every completion token; collective over the teacher's TP/PP groups. Returns the targets
-        on the last pipeline stage and ``None`` on the others."""
+        on the last pipeline stage and ``None`` on the others (dense hidden states from a co-located
+        teacher, sparse top-k from a remote one)."""
 
     def after_step(self, student, step: int) -> None:  # noqa: B027 (optional hook)
         """Called after every optimizer step (self-distillation teachers track the student here)."""

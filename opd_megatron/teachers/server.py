@@ -1,0 +1,480 @@
+"""HTTP teacher scoring service: the part of vLLM's OpenAI-compatible completions API that OPD uses.
+
+Endpoints:
+
+- ``GET /health``: ``200 {"status": "ok", ...}`` with counters; no token needed (it reveals nothing).
+- ``GET /v1/models``: the served model name, as vLLM lists it.
+- ``POST /v1/completions`` with ``{"model": NAME, "prompt": [[ids...], ...], "max_tokens": 0,
+  "echo": true, "prompt_logprobs": k}``. Each choice carries vLLM's ``prompt_logprobs``: one entry per
+  prompt position, ``None`` for the first, else ``{"<token_id>": {"logprob": float, "rank": int,
+  "decoded_token": str | None}}`` holding the top-k tokens (ranks 1..k) and the prompt's own token with
+  its vocabulary rank (k or k + 1 entries). ``-inf`` log-probs are sent as ``-9999.0``, like vLLM.
+
+The same request works against ``vllm serve <hf-model-dir> --max-logprobs K`` (see ``docs`` in the
+``serve-teacher`` help): vLLM scores prompts without generating when ``echo`` is true and ``max_tokens``
+is 0, and computes prompt log-probs from the raw logits (temperature 1).
+
+Concurrency: a threaded HTTP front end parses and validates each request, then hands it to one
+:class:`BatchingWorker` thread, which groups whatever requests arrive within ``max_wait_s`` (up to
+``max_batch`` sequences) into a single forward pass. The model runs at TP=1 in this process. Serving a
+TP-split model would run the server under torchrun with rank 0 speaking HTTP and broadcasting each batch
+to the other ranks before the forward; that is not implemented.
+
+Security: binds 127.0.0.1 unless told otherwise; optional bearer token compared in constant time; the
+body size, the tokens per request and k are bounded; bad input gets a 4xx JSON error
+``{"error": {"message", "type", "code"}}`` and the server keeps serving. Slow clients time out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from opd_megatron.teachers.topk_scoring import PromptScores
+
+NEG_INF_LOGPROB = -9999.0
+"""What vLLM sends for a -inf log-prob (JSON has no infinity)."""
+
+
+@dataclass
+class ServerLimits:
+    """Bounds on what one request may ask for, and on the batches the worker forms."""
+
+    max_k: int = 20
+    """Largest ``prompt_logprobs`` accepted (vLLM's ``--max-logprobs``, default 20)."""
+    max_body_bytes: int = 8 << 20
+    max_tokens_per_request: int = 65536
+    """Sum of prompt lengths in one request."""
+    max_batch: int = 32
+    """Sequences per forward pass."""
+    max_wait_s: float = 0.005
+    """How long the worker waits for more requests to join a batch."""
+    socket_timeout_s: float = 60.0
+    """A client that sends nothing for this long is disconnected."""
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an HTTP 4xx with an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def parse_completion_request(
+    body: dict, limits: ServerLimits, model_name: str, vocab_size: int, max_len: int
+) -> tuple[list[list[int]], int]:
+    """Validate a completions request; return (token-id prompts, k) or raise :class:`RequestError`."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise RequestError(
+            404, f"The model `{model}` does not exist; this server serves `{model_name}`", "NotFoundError"
+        )
+    if body.get("stream"):
+        raise RequestError(400, "stream is not supported by this scoring server")
+    if body.get("max_tokens") != 0:
+        raise RequestError(
+            400, f"this server only scores prompts: send max_tokens: 0 (got {body.get('max_tokens')!r})"
+        )
+    temperature = body.get("temperature", 1.0)
+    if temperature not in (None, 1, 1.0):
+        raise RequestError(
+            400, f"prompt log-probs are computed at temperature 1, got temperature={temperature!r}"
+        )
+    k = body.get("prompt_logprobs")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise RequestError(400, f"prompt_logprobs must be an integer (the k of top-k), got {k!r}")
+    if not 0 <= k <= min(limits.max_k, vocab_size):
+        raise RequestError(
+            400,
+            f"Requested prompt_logprobs of {k}, which is greater than max allowed: "
+            f"{min(limits.max_k, vocab_size)}"
+            if k > 0
+            else f"prompt_logprobs must be >= 0, got {k}",
+        )
+    prompt = body.get("prompt")
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        prompt = [prompt]  # one prompt given as a flat list of ids
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, list) for p in prompt):
+        raise RequestError(
+            400,
+            "prompt must be a non-empty list of token ids or a list of such lists (text prompts are not supported)",
+        )
+    total = sum(len(p) for p in prompt)
+    if total > limits.max_tokens_per_request:
+        raise RequestError(
+            400,
+            f"the request holds {total} prompt tokens; this server accepts at most {limits.max_tokens_per_request}",
+        )
+    for i, p in enumerate(prompt):
+        if not 0 < len(p) <= max_len:
+            raise RequestError(
+                400, f"prompt {i} has {len(p)} tokens; allowed: 1 to {max_len} (the model's context)"
+            )
+        for j, t in enumerate(p):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise RequestError(
+                    400, f"prompt {i}, position {j}: token id {t!r} is not an integer in [0, {vocab_size})"
+                )
+    return prompt, k
+
+
+def format_prompt_logprobs(seq: list[int], scores: PromptScores, decode: Callable[[int], str | None]) -> list:
+    """vLLM's ``prompt_logprobs`` for one prompt: ``[None, {id: {logprob, rank, decoded_token}}, ...]``."""
+
+    def entry(logprob: float, rank: int, token_id: int) -> dict:
+        lp = NEG_INF_LOGPROB if logprob == -math.inf else logprob  # NaN passes through: the caller decides
+        return {"logprob": lp, "rank": rank, "decoded_token": decode(token_id)}
+
+    out: list = [None]
+    ids, values = scores.topk_ids_LK.tolist(), scores.topk_logprobs_LK.tolist()
+    tok_lp, tok_rank = scores.token_logprobs_L.tolist(), scores.token_ranks_L.tolist()
+    for j in range(len(seq) - 1):
+        token = seq[j + 1]
+        position = {str(token): entry(tok_lp[j], tok_rank[j], token)}  # the prompt's own token first, as vLLM
+        for r, (t, v) in enumerate(zip(ids[j], values[j])):
+            if t != token:
+                position[str(t)] = entry(v, r + 1, t)
+        out.append(position)
+    return out
+
+
+class _Job:
+    __slots__ = ("seqs", "k", "done", "result", "error")
+
+    def __init__(self, seqs: list[list[int]], k: int):
+        self.seqs, self.k = seqs, k
+        self.done = threading.Event()
+        self.result: list[PromptScores] | None = None
+        self.error: BaseException | None = None
+
+
+class BatchingWorker:
+    """One thread that owns the model: it merges concurrent requests into forward passes of at most
+    ``max_batch`` sequences, waiting at most ``max_wait_s`` for company after the first request."""
+
+    def __init__(
+        self,
+        score_fn: Callable[[list[list[int]], int], list[PromptScores]],
+        max_batch: int,
+        max_wait_s: float,
+    ):
+        self.score_fn, self.max_batch, self.max_wait_s = score_fn, max_batch, max_wait_s
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._carry: _Job | None = None
+        self._thread = threading.Thread(target=self._run, name="teacher-batching", daemon=True)
+        self.stats = {"requests": 0, "forward_passes": 0, "sequences": 0, "tokens": 0, "busy_s": 0.0}
+
+    def start(self) -> BatchingWorker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, seqs: list[list[int]], k: int) -> list[PromptScores]:
+        """Score ``seqs`` (blocking); raises what the model raised."""
+        job = _Job(seqs, k)
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _collect(self) -> list[_Job] | None:
+        first = self._carry or self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        jobs, n = [first], len(first.seqs)
+        deadline = time.monotonic() + self.max_wait_s
+        while n < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:  # stop after this batch
+                self._queue.put(None)
+                break
+            if n + len(job.seqs) > self.max_batch:
+                self._carry = job  # it starts the next batch instead of overfilling this one
+                break
+            jobs.append(job)
+            n += len(job.seqs)
+        return jobs
+
+    def _run(self) -> None:
+        while (jobs := self._collect()) is not None:
+            seqs = [s for j in jobs for s in j.seqs]
+            k = max(j.k for j in jobs)
+            t0 = time.perf_counter()
+            try:
+                scores: list[PromptScores] = []
+                for a in range(0, len(seqs), self.max_batch):  # one oversized request: several passes
+                    scores += self.score_fn(seqs[a : a + self.max_batch], k)
+                    self.stats["forward_passes"] += 1
+            except BaseException as e:  # every waiting request learns of the failure
+                for j in jobs:
+                    j.error = e
+                    j.done.set()
+                continue
+            finally:
+                self.stats["busy_s"] += time.perf_counter() - t0
+            self.stats["requests"] += len(jobs)
+            self.stats["sequences"] += len(seqs)
+            self.stats["tokens"] += sum(len(s) for s in seqs)
+            i = 0
+            for j in jobs:
+                j.result = [sc.truncate(j.k) for sc in scores[i : i + len(j.seqs)]]
+                i += len(j.seqs)
+                j.done.set()
+
+
+class TeacherHTTPServer(ThreadingHTTPServer):
+    """The HTTP front end; request handlers read the teacher state from here."""
+
+    daemon_threads = True
+    # Many OPD ranks may connect at once; the default backlog of 5 refuses connections under load.
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        worker: BatchingWorker,
+        *,
+        model_name: str,
+        vocab_size: int,
+        max_len: int,
+        limits: ServerLimits,
+        token: str | None = None,
+        decode: Callable[[int], str | None] = lambda _: None,
+        log_requests: bool = False,
+    ):
+        super().__init__(address, _Handler)
+        self.worker, self.model_name, self.vocab_size, self.max_len = worker, model_name, vocab_size, max_len
+        self.limits, self.token, self.decode, self.log_requests = limits, token, decode, log_requests
+        self.started = time.time()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start_in_thread(self) -> threading.Thread:
+        """Serve from a daemon thread (tests, benchmarks); ``shutdown()`` stops it."""
+        t = threading.Thread(target=self.serve_forever, name="teacher-http", daemon=True)
+        t.start()
+        return t
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse their connection
+    server_version = "opd-megatron-teacher/1"
+    server: TeacherHTTPServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.limits.socket_timeout_s
+        super().setup()
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+    # responses ----------------------------------------------------------------------------------
+    def _send_json(self, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="teacher"')
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, e: RequestError) -> None:
+        self._send_json(e.status, {"error": {"message": e.message, "type": e.kind, "code": e.status}})
+
+    # checks -------------------------------------------------------------------------------------
+    def _check_auth(self) -> None:
+        token = self.server.token
+        if not token:
+            return
+        given = self.headers.get("Authorization", "")
+        # Constant-time comparison: response timing must not reveal how much of a guess was right.
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise RequestError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                               "authentication_error")  # fmt: skip
+
+    def _read_json(self):
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+            raise RequestError(411, "a Content-Length header is required (chunked bodies are not accepted)")
+        try:
+            n = int(length)
+        except ValueError:
+            raise RequestError(400, f"bad Content-Length {length!r}") from None
+        if n < 0:
+            raise RequestError(400, f"bad Content-Length {length!r}")
+        if n > self.server.limits.max_body_bytes:
+            raise RequestError(
+                413, f"request body of {n} bytes exceeds the limit of {self.server.limits.max_body_bytes}"
+            )
+        raw = self.rfile.read(n)
+        self._body_read = True
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, f"the body is not valid JSON: {e}") from None
+
+    # routes -------------------------------------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        try:
+            if self.path == "/health":
+                stats = dict(self.server.worker.stats, uptime_s=round(time.time() - self.server.started, 1))
+                self._send_json(200, {"status": "ok", "model": self.server.model_name, "stats": stats})
+            elif self.path == "/v1/models":
+                self._check_auth()
+                model = {"id": self.server.model_name, "object": "model", "owned_by": "opd-megatron",
+                         "max_model_len": self.server.max_len}  # fmt: skip
+                self._send_json(200, {"object": "list", "data": [model]})
+            else:
+                raise RequestError(404, f"no route GET {self.path}", "NotFoundError")
+        except RequestError as e:
+            self._send_error(e)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._body_read = False
+        try:
+            if self.path not in ("/v1/completions", "/v1/completions/"):
+                raise RequestError(
+                    404, f"no route POST {self.path}; this server answers /v1/completions", "NotFoundError"
+                )
+            self._check_auth()
+            body = self._read_json()
+            s = self.server
+            seqs, k = parse_completion_request(body, s.limits, s.model_name, s.vocab_size, s.max_len)
+            scores = s.worker.submit(seqs, k)
+            self._send_json(200, self._response(seqs, scores))
+        except RequestError as e:
+            if not self._body_read:  # unread body bytes would be taken for the next request
+                self.close_connection = True
+            self._send_error(e)
+        except Exception as e:  # a model failure: 500, the server stays up
+            self._send_json(
+                500, {"error": {"message": f"scoring failed: {e}", "type": "internal_error", "code": 500}}
+            )
+
+    def _response(self, seqs: list[list[int]], scores: list[PromptScores]) -> dict:
+        decode = self.server.decode
+        choices = []
+        for i, (seq, sc) in enumerate(zip(seqs, scores)):
+            text = "".join(d or "" for d in map(decode, seq))
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "prompt_logprobs": format_prompt_logprobs(seq, sc, decode),
+                    "prompt_token_ids": seq,
+                }
+            )
+        n = sum(len(s) for s in seqs)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.server.model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n},
+        }
+
+
+def make_decoder(tokenizer) -> Callable[[int], str | None]:
+    """``decoded_token`` for each id (special tokens by name), cached; ``None`` without a tokenizer."""
+    if tokenizer is None:
+        return lambda _: None
+    cache: dict[int, str] = {}
+
+    def decode(token_id: int) -> str:
+        if token_id not in cache:
+            cache[token_id] = tokenizer.decode([token_id], skip_special=False)
+        return cache[token_id]
+
+    return decode
+
+
+def build_teacher_server(
+    checkpoint: str,
+    *,
+    name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+    dtype: str = "fp32",
+    log_requests: bool = False,
+) -> TeacherHTTPServer:
+    """Load a checkpoint of this project into a one-process (TP=1) model and bind the HTTP server to it
+    (``port=0``: a free port; read it from ``server.url``). Call ``serve_forever`` or ``start_in_thread``;
+    the worker thread is already running."""
+    from pathlib import Path
+
+    from opd_megatron.config import ParallelConfig
+    from opd_megatron.distributed import init_distributed
+    from opd_megatron.models.checkpoint import load_model_weights, read_config, read_meta, resolve_checkpoint
+    from opd_megatron.models.gpt import build_gpt_model
+    from opd_megatron.teachers.topk_scoring import TopKScorer
+    from opd_megatron.tokenization import load_tokenizer
+
+    limits = limits or ServerLimits()
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = read_config(ckpt)
+    tokenizer = load_tokenizer(ckpt / "tokenizer") if (Path(ckpt) / "tokenizer").is_dir() else None
+    vocab = read_meta(ckpt).get("real_vocab_size") or (tokenizer.vocab_size if tokenizer else None)
+    groups = init_distributed(ParallelConfig())  # one process, TP=1: gloo on CPU, nccl on a GPU
+    model = build_gpt_model(cfg.model, groups, vocab, frozen=True, params_dtype=dtype, initialize=False)
+    load_model_weights(ckpt, model)
+    pad_id = tokenizer.pad_id if tokenizer is not None else 0
+    scorer = TopKScorer(model, groups, pad_id=pad_id)
+    worker = BatchingWorker(scorer.score, limits.max_batch, limits.max_wait_s).start()
+    return TeacherHTTPServer(
+        (host, port),
+        worker,
+        model_name=name or cfg.name,
+        vocab_size=scorer.vocab_size,
+        max_len=scorer.max_sequence_length,
+        limits=limits,
+        token=token,
+        decode=make_decoder(tokenizer),
+        log_requests=log_requests,
+    )
+
+
+__all__ = [
+    "BatchingWorker",
+    "build_teacher_server",
+    "RequestError",
+    "ServerLimits",
+    "TeacherHTTPServer",
+    "format_prompt_logprobs",
+    "make_decoder",
+    "parse_completion_request",
+]
