@@ -175,3 +175,53 @@ def test_nan_teacher_skips_step_and_empty_rollouts_are_counted(tmp_path, teacher
     assert skipped["nonfinite"] == 1
     assert skipped["empty_rollouts"] == 8  # half of the 16 rows came back empty and were dropped
     assert not rec_empty["skipped"] and changed  # the other half trained
+
+
+VARIANTS = {
+    "tinker": ["loss.objective=tinker", "loss.discount=0.5"],
+    "minillm-mixed": ["loss.objective=minillm", "loss.mix_alpha=0.3"],
+    "gopd": ["loss.objective=gopd", "loss.gopd_lambda=1.5"],
+    "aopd": ["loss.objective=aopd", "loss.aopd_topk=4"],
+    "rlsd": ["loss.objective=rlsd"],
+    "opsd-clip": ["loss.objective=opsd", "loss.opsd_tau=0.5"],
+    "gkd-mixed-teacher-samples": [
+        "loss.on_policy_lambda=0.5",
+        "loss.off_policy_source=teacher",
+        "loss.divergence=jsd",
+    ],
+    "distillm-ramp-skew": [
+        "loss.lambda_schedule=linear",
+        "loss.lambda_ramp_steps=2",
+        "loss.divergence=skew_reverse_kl",
+    ],
+}
+
+
+def _variants(rank, root, ckpts):
+    """Two steps of every objective / sampling variant: finite losses, real updates."""
+    from opd_megatron.config import load_config
+    from opd_megatron.train.opd import OPDTrainer
+
+    out = {}
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(
+            None, overrides, base=_student_cfg(f"{root}/{name}", ckpts[0], steps=2, init_checkpoint=ckpts[1])
+        )
+        trainer = OPDTrainer(cfg)
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        recs = [trainer.train_step(0), trainer.train_step(1)]
+        moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+        out[name] = (recs, moved)
+    return out
+
+
+def test_every_objective_and_sampling_variant_trains(tmp_path, teacher_ckpt):
+    results = run_ranks(_variants, 1, timeout=500, args=(str(tmp_path), teacher_ckpt))[0]
+    assert set(results) == set(VARIANTS)
+    for name, (recs, moved) in results.items():
+        for rec in recs:
+            assert not rec["skipped"], (name, rec)
+            assert torch.isfinite(torch.tensor(rec["loss"])), (name, rec)
+        assert moved, f"{name}: the parameters did not change"
+    assert results["distillm-ramp-skew"][0][0]["lambda"] == 0.0  # off-policy first ...
+    assert results["distillm-ramp-skew"][0][1]["lambda"] == 0.5  # ... then ramping towards on-policy
