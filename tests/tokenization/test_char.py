@@ -101,7 +101,10 @@ def test_load_errors(tmp_path):
     with pytest.raises(TokenizerError, match="not valid JSON"):
         load_tokenizer(tmp_path)
     (tmp_path / TOKENIZER_FILE).write_text(json.dumps({"kind": "bpe"}))
-    with pytest.raises(TokenizerError, match="kind 'bpe' is not supported; supported: 'char', 'hf', 'sentencepiece', 'tiktoken'"):
+    with pytest.raises(
+        TokenizerError,
+        match="kind 'bpe' is not supported; supported: 'char', 'hf', 'sentencepiece', 'tiktoken'",
+    ):
         load_tokenizer(tmp_path)
     data = CharTokenizer().to_dict() | {"chars": "abca"}
     (tmp_path / TOKENIZER_FILE).write_text(json.dumps(data))
