@@ -73,3 +73,11 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="section.field=value"):
         apply_overrides({}, ["train.lr"])
+
+
+@pytest.mark.parametrize("path", ["examples/specialise/expert.yaml", "examples/opd/distill.yaml"])
+def test_example_configs_load(path):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / path)
+    assert cfg.name and cfg.train.steps > 0

@@ -1,8 +1,9 @@
 """The OPD main job (``opd-megatron run`` without a config): distil an SFT teacher into a smaller student.
 
-Stage 1 trains a teacher by SFT on the built-in domains (cached under ``runs/opd_demo/teacher``: a
-second run reuses it). Stage 2 distils it on-policy into a student with a quarter of its parameters,
-warm-started by a short SFT so its first rollouts are not noise. The table compares teacher, student
+Stage 1 trains a teacher (4 layers) by SFT on two built-in domains (cached under
+``runs/opd_demo/teacher``: a second run reuses it). Stage 2 distils it on-policy, with the full-vocabulary
+reverse KL on the student's own samples, into a student with half its layers, warm-started by a short
+SFT so its first rollouts are not noise. The table compares teacher, student
 before OPD and student after OPD per domain, with the held-out reverse KL to the teacher.
 """
 
@@ -30,7 +31,7 @@ def teacher_config(root: str) -> RunConfig:
     return RunConfig(
         name="teacher",
         model=ModelConfig(
-            num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, max_sequence_length=32
+            num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2, max_sequence_length=32
         ),
         data=DataConfig(domains=list(DOMAINS), train_size=3000, eval_size=100, difficulty=3),
         train=TrainConfig(
@@ -52,7 +53,7 @@ def student_warmup_config(root: str) -> RunConfig:
     return RunConfig(
         name="student-warmup",
         model=ModelConfig(
-            num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, max_sequence_length=32
+            num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, max_sequence_length=32
         ),
         data=DataConfig(domains=list(DOMAINS), train_size=3000, eval_size=100, difficulty=3),
         train=TrainConfig(
@@ -79,12 +80,12 @@ def opd_config(root: str, teacher_ckpt: str, student_init: str) -> RunConfig:
         rollout=RolloutConfig(max_new_tokens=8, temperature=1.0),
         data=warm.data,
         train=TrainConfig(
-            steps=150,
+            steps=300,
             micro_batch_size=32,
             lr=2e-3,
             min_lr=2e-4,
             warmup_steps=10,
-            eval_every=50,
+            eval_every=100,
             eval_samples=64,
             log_every=10,
             output_dir=f"{root}/opd",
