@@ -58,6 +58,11 @@ def sorted_distance(
     return diff_TN.abs().sum(dim=-1)  # [T]
 
 
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # at least fp32 for the softmax (bf16 logits), float64 stays float64 (reference tests)
+    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+
+
 def uld(
     student_logits_TV: torch.Tensor,
     teacher_logits_TW: torch.Tensor,
@@ -66,8 +71,8 @@ def uld(
 ) -> torch.Tensor:
     """ULD between student and teacher logits of different vocabularies, per token ``[T]``."""
     _check(metric, temperature)
-    q_TV = torch.softmax(student_logits_TV.float() / temperature, dim=-1)
-    p_TW = torch.softmax(teacher_logits_TW.detach().float() / temperature, dim=-1)
+    q_TV = _probs(student_logits_TV, temperature)
+    p_TW = _probs(teacher_logits_TW.detach(), temperature)
     return sorted_distance(q_TV, p_TW, metric)
 
 
@@ -85,8 +90,8 @@ def hybrid_uld(
     docstring), per token ``[T]``. ``shared_*_ids_K`` pair the ``K`` shared tokens (see
     :func:`shared_vocab`)."""
     _check(metric, temperature)
-    q_TV = torch.softmax(student_logits_TV.float() / temperature, dim=-1)
-    p_TW = torch.softmax(teacher_logits_TW.detach().float() / temperature, dim=-1)
+    q_TV = _probs(student_logits_TV, temperature)
+    p_TW = _probs(teacher_logits_TW.detach(), temperature)
     q_TK, p_TK = q_TV[:, shared_student_ids_K], p_TW[:, shared_teacher_ids_K]
     # 0 log 0 = 0: a teacher zero contributes only the student's mass q_v
     log_ratio_TK = torch.where(p_TK > 0, p_TK.clamp_min(1e-38).log() - q_TK.clamp_min(1e-38).log(), 0.0)
