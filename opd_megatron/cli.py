@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser(sub)
     except ImportError:
         pass
+    try:
+        from opd_megatron.tokenization.cli import add_align_parser
+
+        add_align_parser(sub)
+    except ImportError:
+        pass
     return parser
 
 
