@@ -39,8 +39,10 @@ class SentencePieceTokenizer(Tokenizer):
         sp = self.sp
         if sp.eos_id() < 0:
             raise TokenizerError("sentencepiece model has no EOS piece (eos_id < 0)")
+        # Special: control pieces (BOS/EOS/template tokens), the unknown piece (it has no recoverable text,
+        # so a sampled <unk> must not silently vanish from re-emitted text) and pad.
         self._special = frozenset(
-            i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) and i == sp.pad_id()
+            i for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)
         ) | frozenset(i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0)
         self._control = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
         # Bytes of every piece, computed once: "▁" is the space, "<0xNN>" byte-fallback pieces are one byte.

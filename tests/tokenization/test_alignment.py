@@ -159,3 +159,19 @@ def test_alignment_properties(all_toks, text, eos):
             assert a.mask[-1]  # EOS <-> EOS
         # the same tokenisation on both sides aligns everywhere
         assert all(align_completion(s_tok, s_ids, s_tok, s_ids).mask)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(ALPHABET, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=4))
+def test_non_canonical_student_tokens(all_toks, text, cuts):
+    """A sampled rollout need not be the canonical encoding of its text: alignment uses the sampled ids."""
+    pieces, last = [], 0
+    for c in sorted({min(c, len(text)) for c in cuts}):
+        pieces.append(text[last:c])
+        last = c
+    pieces.append(text[last:])
+    s_tok, t_tok = all_toks["hf"], all_toks["sentencepiece"]
+    s_ids = [i for p in pieces for i in s_tok.encode(p)]
+    a = align_completion(s_tok, s_ids, t_tok, t_tok.encode(text))
+    _check_invariants(a)
+    assert b"".join(a.student_bytes) == text.encode("utf-8")
