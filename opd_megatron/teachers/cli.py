@@ -36,7 +36,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="served model name (default: the checkpoint's run name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed once listening)")
-    p.add_argument("--token", default=None, help=f"bearer token clients must send (default: ${TOKEN_ENV})")
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token clients must send; prefer ${TOKEN_ENV} (a command line is visible to other users)",
+    )
     p.add_argument("--max-k", type=int, default=d.max_k, help="largest prompt_logprobs accepted")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences per forward pass")

@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 
 from opd_megatron.teachers import RemoteTeacher, RemoteTeacherClient, TeacherError, TopKTargets
 from tests.multirank import run_ranks
+from tests.teachers.stub import stub_server as _stub
 
 TOKEN = "s3cret-token"
 MAX_K = 8
@@ -220,45 +220,6 @@ def test_remote_teacher_targets_feed_the_topk_loss(server, checkpoint):
 # -- client reliability against stub servers (no model) ------------------------------------------------
 
 
-class _Stub(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    behaviour = "ok"
-    hits = 0
-
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):  # noqa: N802
-        cls = type(self)
-        cls.hits += 1
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if cls.behaviour == "slow":
-            time.sleep(1.0)
-        if cls.behaviour == "flaky" and cls.hits <= 2:
-            data = b'{"error": {"message": "overloaded", "type": "x", "code": 503}}'
-            status = 503
-        else:
-            seq = body["prompt"][0]
-            plp = [None] + [{str(t): {"logprob": -0.5, "rank": 1, "decoded_token": None}} for t in seq[1:]]
-            data = json.dumps({"choices": [{"index": 0, "prompt_logprobs": plp}]}).encode()
-            status = 200
-        try:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # the client gave up waiting
-            pass
-
-
-def _stub(behaviour: str):
-    handler = type("Stub", (_Stub,), {"behaviour": behaviour, "hits": 0})
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, handler
-
-
 def test_client_retries_then_names_the_teacher_when_down():
     srv, _ = _stub("ok")
     url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -299,3 +260,11 @@ def test_client_retries_a_503_and_then_succeeds():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_serving_beyond_loopback_needs_a_token(monkeypatch, capsys):
+    from opd_megatron.cli import main
+
+    monkeypatch.delenv("OPD_TEACHER_TOKEN", raising=False)
+    assert main(["serve-teacher", "no-such-checkpoint", "--host", "0.0.0.0"]) == 2
+    assert "--host" in capsys.readouterr().err
