@@ -1,4 +1,10 @@
-"""Tokenizers: the :class:`Tokenizer` interface, the built-in character tokenizer and a loader."""
+"""Tokenizers: the :class:`Tokenizer` interface, adapters and a loader; cross-tokenizer machinery.
+
+Modules: ``char`` (built-in), ``sentencepiece_tok`` / ``tiktoken_tok`` / ``hf_tok`` (adapters with byte
+offsets), ``train_local`` (small tokenizers trained in memory), ``chat_templates`` (render, strip,
+re-emit), ``alignment`` (boundary agreement), ``cross`` (batch plan for a teacher of another tokenizer),
+``cli`` (the ``align`` inspector). The ULD losses live in :mod:`opd_megatron.losses.uld`.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Offsets come from SentencePiece's own piece spans (UTF-8 byte offsets into the input). For those to be
 exact spans of the *original* text the model must use the ``identity`` normaliser and no dummy prefix, as
 the models of :mod:`opd_megatron.tokenization.train_local` do; other models still encode and decode, but
-their offsets describe the normalised text. Control symbols (chat-template tokens) are never parsed from
+their offsets and per-token bytes follow the normalised text (e.g. a dummy-prefix space before the first
+word), so re-emitted text and alignments are only exact with such models. Control symbols (chat-template tokens) are never parsed from
 text: SentencePiece only produces them by id, which is what keeps user content that spells
 ``<|im_start|>`` plain text.
 """
