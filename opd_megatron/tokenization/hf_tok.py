@@ -4,6 +4,8 @@ Text is encoded with ``encode_special_tokens`` on, so added special tokens are n
 (they come only from :meth:`special_token_id`), and without the post-processor's BOS/EOS. For byte-level
 models (a ``ByteLevel`` decoder) each token's bytes are read off its vocabulary string through the
 byte <-> printable-character map, so byte offsets stay exact when a token ends inside a character.
+For other decoders a token's bytes are its text decoded on its own, which is exact for most vocabularies
+but can drop a space that a decoder only inserts between tokens (e.g. WordPiece ``##`` handling).
 """
 
 from __future__ import annotations
