@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import torch
+
 from opd_megatron.teachers.topk_scoring import PromptScores
 
 NEG_INF_LOGPROB = -9999.0
@@ -136,19 +138,19 @@ def parse_completion_request(
 def format_prompt_logprobs(seq: list[int], scores: PromptScores, decode: Callable[[int], str | None]) -> list:
     """vLLM's ``prompt_logprobs`` for one prompt: ``[None, {id: {logprob, rank, decoded_token}}, ...]``."""
 
-    def entry(logprob: float, rank: int, token_id: int) -> dict:
-        lp = NEG_INF_LOGPROB if logprob == -math.inf else logprob  # NaN passes through: the caller decides
-        return {"logprob": lp, "rank": rank, "decoded_token": decode(token_id)}
+    def plain(x: torch.Tensor) -> list:
+        # -inf becomes vLLM's -9999.0; NaN passes through (JSON NaN): the client counts it as non-finite.
+        return torch.where(x == -math.inf, NEG_INF_LOGPROB, x).tolist()
 
+    ids, values = scores.topk_ids_LK.tolist(), plain(scores.topk_logprobs_LK)
+    tok_lp, tok_rank = plain(scores.token_logprobs_L), scores.token_ranks_L.tolist()
     out: list = [None]
-    ids, values = scores.topk_ids_LK.tolist(), scores.topk_logprobs_LK.tolist()
-    tok_lp, tok_rank = scores.token_logprobs_L.tolist(), scores.token_ranks_L.tolist()
-    for j in range(len(seq) - 1):
-        token = seq[j + 1]
-        position = {str(token): entry(tok_lp[j], tok_rank[j], token)}  # the prompt's own token first, as vLLM
-        for r, (t, v) in enumerate(zip(ids[j], values[j])):
-            if t != token:
-                position[str(t)] = entry(v, r + 1, t)
+    # This loop builds (k + 1) dicts per position and dominates the server's non-model time: keep it flat.
+    for j, token in enumerate(seq[1:]):
+        position = {str(token): {"logprob": tok_lp[j], "rank": tok_rank[j], "decoded_token": decode(token)}}
+        for r, (t, v) in enumerate(zip(ids[j], values[j]), 1):
+            if t != token:  # the prompt's own token is listed once, first (as vLLM does)
+                position[str(t)] = {"logprob": v, "rank": r, "decoded_token": decode(t)}
         out.append(position)
     return out
 
@@ -297,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # responses ----------------------------------------------------------------------------------
     def _send_json(self, status: int, obj) -> None:
-        data = json.dumps(obj).encode()
+        data = json.dumps(obj, separators=(",", ":")).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
