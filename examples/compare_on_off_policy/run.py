@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 DOMAIN = "sorting"
+STUDENT_WIDTH = "model.hidden_size=64"  # teacher: 2 layers x 128; student: 2 layers x 64
 
 
 def teacher_cfg(root: Path):
@@ -33,7 +34,12 @@ def teacher_cfg(root: Path):
 
     return load_config(
         None,
-        [f"data.domains=[{DOMAIN}]", f"train.output_dir={root}/teacher", "train.steps=400"],
+        [
+            f"data.domains=[{DOMAIN}]",
+            f"train.output_dir={root}/teacher",
+            "train.steps=400",
+            "model.num_layers=2",
+        ],
         base=teacher_config(str(root)),
     )
 
@@ -44,7 +50,7 @@ def student_warmup_cfg(root: Path):
 
     return load_config(
         None,
-        [f"data.domains=[{DOMAIN}]", f"train.output_dir={root}/warmup", "train.steps=40"],
+        [f"data.domains=[{DOMAIN}]", f"train.output_dir={root}/warmup", "train.steps=40", STUDENT_WIDTH],
         base=student_warmup_config(str(root)),
     )
 
@@ -57,6 +63,7 @@ def opd_cfg(root: Path, name: str, seed: int, steps: int, teacher: str, init: st
         None,
         [
             f"name={name}",
+            STUDENT_WIDTH,
             f"data.domains=[{DOMAIN}]",
             f"train.output_dir={root}/{name}/seed{seed}",
             f"train.steps={steps}",
