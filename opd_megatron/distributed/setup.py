@@ -122,3 +122,39 @@ def destroy_distributed() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_SUBGROUPS: dict[tuple[int, int], list] = {}
+
+
+def tensor_subgroups(groups: ParallelGroups, sub_tp: int) -> ParallelGroups:
+    """The same layout with a smaller tensor-parallel size ``sub_tp`` (dividing the current one): each TP
+    group splits into consecutive sub-groups, and a model built with the result is replicated
+    ``tp / sub_tp`` times inside the original TP group. Used for a teacher at a smaller TP than its
+    student. Every rank must call this (creating process groups is collective)."""
+    import copy
+
+    if sub_tp == groups.tp_size:
+        return groups
+    if sub_tp < 1 or groups.tp_size % sub_tp:
+        raise ConfigError(
+            "teachers.tensor_model_parallel_size",
+            f"a teacher TP of {sub_tp} must divide the student's TP of {groups.tp_size}",
+        )
+    key = (groups.tp_size, sub_tp)
+    if key not in _SUBGROUPS:
+        subgroups = []
+        world = dist.get_world_size()
+        for tp_start in range(0, world, groups.tp_size):  # Megatron's TP groups are consecutive ranks
+            for s in range(tp_start, tp_start + groups.tp_size, sub_tp):
+                ranks = list(range(s, s + sub_tp))
+                subgroups.append((ranks, dist.new_group(ranks)))
+        _SUBGROUPS[key] = subgroups
+    me = dist.get_rank()
+    ranks, group = next((r, g) for r, g in _SUBGROUPS[key] if me in r)
+    pgs = copy.copy(groups.pg_collection)
+    for name in ("tp", "tp_cp"):
+        setattr(pgs, name, group)
+    sub = copy.copy(groups)
+    sub.tp_group, sub.tp_size, sub.tp_rank, sub.pg_collection = group, sub_tp, ranks.index(me), pgs
+    return sub

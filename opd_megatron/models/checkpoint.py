@@ -152,9 +152,17 @@ def save_checkpoint(
 
 
 def load_model_weights(
-    ckpt: str | Path, model: torch.nn.Module, subdir: str = "model", strict: bool = True
+    ckpt: str | Path,
+    model: torch.nn.Module,
+    subdir: str = "model",
+    strict: bool = True,
+    replicated: bool = False,
 ) -> None:
-    """Load weights saved at any TP/PP into ``model`` built at the current TP/PP."""
+    """Load weights saved at any TP/PP into ``model`` built at the current TP/PP.
+
+    ``replicated``: every rank holds its own full copy (a teacher at a smaller TP than the student's);
+    the copies all read the same shards, which the access-integrity check would reject as duplicates.
+    """
     from megatron.core import dist_checkpointing
 
     ckpt = resolve_checkpoint(ckpt)
@@ -167,7 +175,9 @@ def load_model_weights(
         )
     if not (ckpt / subdir).is_dir():
         raise CheckpointError(f"{ckpt}: no '{subdir}' weights in this checkpoint")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt / subdir))
+    state = dist_checkpointing.load(
+        model.sharded_state_dict(), str(ckpt / subdir), validate_access_integrity=not replicated
+    )
     model.load_state_dict(state, strict=strict)
 
 

@@ -8,10 +8,10 @@ import torch
 
 from opd_megatron.config import TeacherConfig
 from opd_megatron.data.jsonl import PromptRow
-from opd_megatron.distributed import ParallelGroups
+from opd_megatron.distributed import ParallelGroups, tensor_subgroups
 from opd_megatron.distributed.pipeline import pipeline_forward
 from opd_megatron.models.checkpoint import load_model_weights, read_config, read_meta, resolve_checkpoint
-from opd_megatron.models.gpt import build_gpt_model, output_weight
+from opd_megatron.models.gpt import build_gpt_model, output_weight, vocab_shard_range
 from opd_megatron.models.hidden import decoder_hidden_states
 from opd_megatron.teachers.base import Teacher, TeacherError, TeacherTargets
 
@@ -36,9 +36,13 @@ class MegatronTeacher(Teacher):
         pad_id: int,
         encode_prompt: Callable[[str], list[int]] | None = None,
         prompt_view: Callable[[PromptRow], str] | None = None,
+        vocab_rows: tuple[int, int] | None = None,
     ):
         self.name, self.model, self.groups, self.pad_id = name, model, groups, pad_id
         self.encode_prompt, self.prompt_view = encode_prompt, prompt_view
+        # Rows of this rank's output-layer shard that match the student's vocabulary shard (a teacher at a
+        # smaller TP holds a wider shard than the student rank it serves).
+        self.vocab_rows = vocab_rows
         self.calls = 0
         self.tokens_scored = 0
 
@@ -73,7 +77,10 @@ class MegatronTeacher(Teacher):
             for i, (p, c) in enumerate(zip(prompts, completion_ids))
         ]
         hidden_NH = torch.cat(parts, dim=0) if parts else hidden_SBH.new_zeros(0, hidden_SBH.shape[-1])
-        return TeacherTargets(hidden_NH=hidden_NH, weight_VH=output_weight(self.model).detach())
+        weight_VH = output_weight(self.model).detach()
+        if self.vocab_rows is not None:
+            weight_VH = weight_VH[self.vocab_rows[0] : self.vocab_rows[1]]
+        return TeacherTargets(hidden_NH=hidden_NH, weight_VH=weight_VH)
 
 
 def _hidden_stage(model, ids, pos, mask):
@@ -90,6 +97,14 @@ def build_colocated_teacher(tcfg: TeacherConfig, groups: ParallelGroups, student
             f"{student_vocab}; a teacher with another tokenizer needs cross-tokeniser scoring"
         )
     model_cfg = read_config(ckpt).model
-    model = build_gpt_model(model_cfg, groups, student_vocab, frozen=True, params_dtype=tcfg.dtype)
-    load_model_weights(ckpt, model)
-    return MegatronTeacher(tcfg.name, model, groups, pad_id)
+    teacher_tp = tcfg.tensor_model_parallel_size or groups.tp_size
+    t_groups = tensor_subgroups(groups, teacher_tp)
+    model = build_gpt_model(model_cfg, t_groups, student_vocab, frozen=True, params_dtype=tcfg.dtype)
+    load_model_weights(ckpt, model, replicated=teacher_tp < groups.tp_size)
+    rows = None
+    if teacher_tp < groups.tp_size:
+        # The student's shard [s0, s1) lies inside the teacher rank's wider shard [t0, t1).
+        s0, s1 = vocab_shard_range(model, groups.tp_rank, groups.tp_size)
+        t0, _ = vocab_shard_range(model, t_groups.tp_rank, teacher_tp)
+        rows = (s0 - t0, s1 - t0)
+    return MegatronTeacher(tcfg.name, model, t_groups, pad_id, vocab_rows=rows)

@@ -106,6 +106,10 @@ def validate_opd_config(cfg: RunConfig) -> None:
         raise ConfigError(
             "loss.mix_alpha", "teacher-mixed sampling needs a teacher with the student's prompt view"
         )
+    if lc.mix_alpha > 0 and t.tensor_model_parallel_size not in (None, cfg.parallel.tp):
+        raise ConfigError(
+            "loss.mix_alpha", "teacher-mixed sampling needs the teacher at the student's TP size"
+        )
     if lc.objective == "opsd" and lc.opsd_tau <= 0:
         raise ConfigError("loss.opsd_tau", "objective 'opsd' needs a per-token clip tau > 0")
 
@@ -191,7 +195,7 @@ class OPDTrainer:
         if off and self.lc.off_policy_source == "teacher":
             sampler = MegatronSampler(
                 self.teacher.model,
-                self.groups,
+                self.teacher.groups,
                 eos_id=self.tokenizer.eos_id,
                 pad_id=self.tokenizer.pad_id,
                 tokenizer=self.tokenizer,

@@ -10,7 +10,7 @@ import pytest
 from tests.multirank import run_ranks
 
 
-def _cfgs(root: str, tp: int = 1, pp: int = 1):
+def _cfgs(root: str, tp: int = 1, pp: int = 1, teacher_tp: int | None = None):
     from opd_megatron.config import (
         DataConfig,
         LossConfig,
@@ -33,7 +33,9 @@ def _cfgs(root: str, tp: int = 1, pp: int = 1):
             num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, max_sequence_length=32
         ),
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        teachers=[TeacherConfig(name="t", checkpoint=f"{root}/teacher")],
+        teachers=[
+            TeacherConfig(name="t", checkpoint=f"{root}/teacher", tensor_model_parallel_size=teacher_tp)
+        ],
         # lambda=0 with dataset completions: the batch is the same whatever the layout.
         loss=LossConfig(divergence="jsd", jsd_beta=0.3, on_policy_lambda=0.0, chunk_size=7),
         data=data,
@@ -75,11 +77,11 @@ def _save(rank, root):
     )
 
 
-def _step(rank, root, tp, pp):
+def _step(rank, root, tp, pp, teacher_tp=None):
     from opd_megatron.train.opd import OPDTrainer
     from opd_megatron.train.sft import DataCursor
 
-    trainer = OPDTrainer(_cfgs(root, tp, pp)[1])
+    trainer = OPDTrainer(_cfgs(root, tp, pp, teacher_tp)[1])
     first = trainer.train_step(0)
     trainer.cursor = DataCursor(len(trainer.train_rows), trainer.cfg.data.seed)  # the same batch again
     second = trainer.train_step(0)
@@ -93,11 +95,12 @@ def reference(tmp_path_factory):
     return root, run_ranks(_step, 1, args=(root, 1, 1))[0]
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_opd_step_matches_single_process(reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,teacher_tp", [(2, 1, None), (1, 2, None), (2, 1, 1)])
+def test_opd_step_matches_single_process(reference, tp, pp, teacher_tp):
+    """Student and teacher at TP=2; both pipelined at PP=2; student TP=2 with a replicated TP=1 teacher."""
     root, (loss, norm, after, kl) = reference
     assert after < loss  # the reference step changed the student
-    for r_loss, r_norm, r_after, r_kl in run_ranks(_step, 2, args=(root, tp, pp)):
+    for r_loss, r_norm, r_after, r_kl in run_ranks(_step, 2, args=(root, tp, pp, teacher_tp)):
         assert r_loss == pytest.approx(loss, abs=1e-5)
         assert r_norm == pytest.approx(norm, rel=1e-4)
         assert r_after == pytest.approx(after, abs=1e-5)
