@@ -16,13 +16,15 @@ Variants, each a forward + backward of a distillation loss of the student's lm-h
 Method. Every variant runs in a fresh subprocess with ``--threads`` intra-op threads (each TP=2 rank gets
 the same number, so TP=2 uses twice the cores). It builds the inputs, runs one untimed warm-up iteration
 (which also compiles Liger), then ``--iters`` timed iterations, each timed by the wall clock and by the
-process's CPU time (user + system). The reported times are the fastest iteration's. The targets are
-judged on CPU time: on a shared machine, wall time also counts the time a ready process waits for a
-core, CPU time does not (with one thread per process the two agree on an idle machine). Peak extra memory is the peak
-resident set size during the timed iterations minus the resident set size just before them, when the
-inputs are allocated and the previous gradients freed: a thread samples ``/proc/self/statm`` every
-0.5 ms. So that freed memory really leaves the process (and a later peak is not hidden inside memory
-glibc kept from an earlier one), the subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` and
+process's CPU time (user + system); the reported times are the fastest iteration's. The targets are
+judged on CPU time: on a shared machine wall time also counts the time a ready process waits for a
+core, CPU time does not (with one thread per process the two agree on an idle machine).
+
+Peak extra memory is measured in one further iteration: the peak resident set size during it minus the
+resident set size just before it, when the inputs are allocated and the previous gradients freed (a
+thread samples ``/proc/self/statm`` every millisecond; it does not run during the timed iterations).
+So that freed memory really leaves the process (and a later peak is not hidden inside memory glibc kept
+from an earlier one), the subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` and
 ``MALLOC_TRIM_THRESHOLD_=0``. For TP=2 the time and memory are the maximum over the two ranks.
 
 The loss of every variant is printed next to the naive one (a sanity check that they compute the same
@@ -53,32 +55,33 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 # ----------------------------------------------------------------------------------------------------
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class _PeakRSS:
     """Samples the resident set size in a background thread (PyTorch ops release the GIL)."""
 
-    def __init__(self, period_s: float = 5e-4):
+    def __init__(self, period_s: float = 1e-3):
         self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
 
     def __enter__(self):
-        self.peak = _rss()
+        self.start = self.peak = self.rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, self.rss())
             time.sleep(self.period_s)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss())
+        self.peak = max(self.peak, self.rss())
+        os.close(self._fd)
 
 
 def _make_inputs(T: int, H: int, V: int, rank: int, world: int):
@@ -224,16 +227,16 @@ def run_worker(args) -> dict:
         return time.perf_counter() - t0, time.process_time() - c0, loss
 
     warmup_s, _, loss = run_once()
-    hidden.grad = weight.grad = None
-    wall, cpu, peak_extra = [], [], 0
+    wall, cpu = [], []
     for _ in range(args.iters):
-        hidden.grad = weight.grad = None
-        before = _rss()
-        with _PeakRSS() as peak:
-            dt, dc, loss = run_once()
+        dt, dc, loss = run_once()
         wall.append(dt)
         cpu.append(dc)
-        peak_extra = max(peak_extra, peak.peak - before)
+    # Memory in one more iteration of its own, so the sampling thread does not count in the times.
+    hidden.grad = weight.grad = None
+    with _PeakRSS() as peak:
+        run_once()
+    peak_extra = peak.peak - peak.start
     return dict(rank=rank, wall_s=wall, cpu_s=cpu, warmup_s=warmup_s, peak_extra_bytes=peak_extra, loss=loss)
 
 
