@@ -337,6 +337,7 @@ def down(root: str | Path, *, cancel_timeout_s: float = 40.0, remove: bool = Fal
         # Stopping the daemons below matters more than a clean job cancel.
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             _cancel_jobs(cluster.conf, cancel_timeout_s)
+    kill_job_processes(cluster.conf)
     # slurmd first (it runs the job steps), munged last (the others authenticate through it).
     for name in ("slurmd", "slurmctld", "munged"):
         pid = alive.get(name)
@@ -353,6 +354,30 @@ def down(root: str | Path, *, cancel_timeout_s: float = 40.0, remove: bool = Fal
     Path(root_path, STATE_FILE).unlink(missing_ok=True)
     if remove:
         shutil.rmtree(root_path, ignore_errors=True)
+
+
+def kill_job_processes(conf: str) -> list[int]:
+    """SIGKILL every process that ran as part of a job of this cluster (its environment carries both
+    ``SLURM_CONF=<conf>`` and a ``SLURM_JOB_ID``) and is still alive.
+
+    ``proctrack/linuxproc`` tracks a job's processes by parentage: a worker whose launcher died is
+    re-parented to init and escapes ``scancel``. Such a worker would keep running, and keep its CPU,
+    after its test failed; this finds it by its environment instead.
+    """
+    marker = f"SLURM_CONF={conf}".encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in env and any(e.startswith(b"SLURM_JOB_ID=") for e in env):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def _reap(pid: int) -> None:

@@ -7,6 +7,7 @@ SlurmExecutor over a local tunnel, running this checkout with the current interp
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -55,6 +56,17 @@ def slurm_cluster():
         else:
             os.environ["SLURM_CONF"] = saved
         sl.down(root, remove=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_jobs(slurm_cluster):
+    """After each test, cancel its jobs and kill job processes that escaped (a failed test must not
+    leave workers that slow down or block the next one)."""
+    yield
+    sl = _slurm_local()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        sl._cancel_jobs(slurm_cluster.conf, 40.0)
+    sl.kill_job_processes(slurm_cluster.conf)
 
 
 def test_local_cluster_runs_a_wrap_job(slurm_cluster, tmp_path):
