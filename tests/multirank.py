@@ -57,12 +57,16 @@ def _child(fn, rank, world_size, port, args, queue):
             pass
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 240, args: tuple = ()) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int = 2, timeout: float = 240, args: tuple = ()
+) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``world_size`` processes; return the per-rank results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, queue)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -23,7 +23,9 @@ def test_defaults_round_trip_through_dict():
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("name: x\ntrain:\n  lr: 0.01\n  steps: 5\nmodel:\n  hidden_size: 64\n")
-    cfg = load_config(path, ["train.lr=3e-4", "data.domains=[reversal]", "teachers=[{name: a, placement: self}]"])
+    cfg = load_config(
+        path, ["train.lr=3e-4", "data.domains=[reversal]", "teachers=[{name: a, placement: self}]"]
+    )
     assert cfg.name == "x" and cfg.train.steps == 5 and cfg.model.hidden_size == 64
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.data.domains == ["reversal"]
@@ -36,7 +38,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["train.steps=abc"], "train.steps", "expected an integer, got str 'abc'"),
         (["train.lrr=1"], "train.lrr", "did you mean 'lr'?"),
         (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size", "does not divide"),
-        (["parallel.pipeline_model_parallel_size=3"], "parallel.pipeline_model_parallel_size", "num_layers=2"),
+        (
+            ["parallel.pipeline_model_parallel_size=3"],
+            "parallel.pipeline_model_parallel_size",
+            "num_layers=2",
+        ),
         (["model.fp8=e5m2"], "model.fp8", "allowed: 'e4m3', 'hybrid'"),
         (["loss.divergence=kl"], "loss.divergence", "allowed: 'forward_kl'"),
         (["data.domains=[addition, poetry]"], "data.domains[1]", "unknown domain 'poetry'"),

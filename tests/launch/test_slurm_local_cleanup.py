@@ -23,7 +23,9 @@ def test_kill_job_processes_kills_only_this_clusters_jobs(tmp_path):
     conf = str(tmp_path / "slurm.conf")
     env = dict(os.environ, SLURM_CONF=conf, SLURM_JOB_ID="7")
     job = subprocess.Popen(["sleep", "60"], env=env)
-    other = subprocess.Popen(["sleep", "60"], env=dict(os.environ, SLURM_CONF=conf + ".other", SLURM_JOB_ID="7"))
+    other = subprocess.Popen(
+        ["sleep", "60"], env=dict(os.environ, SLURM_CONF=conf + ".other", SLURM_JOB_ID="7")
+    )
     try:
         killed = _slurm_local().kill_job_processes(conf)
         assert job.pid in killed and other.pid not in killed

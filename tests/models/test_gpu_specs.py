@@ -27,7 +27,9 @@ def _te_matches_local(rank):
     groups = init_distributed(ParallelConfig())
     base = dict(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, params_dtype="bf16")
     local = build_gpt_model(ModelConfig(**base, transformer_impl="local"), groups, 100, seed=0).eval()
-    te = build_gpt_model(ModelConfig(**base, transformer_impl="transformer_engine"), groups, 100, seed=1).eval()
+    te = build_gpt_model(
+        ModelConfig(**base, transformer_impl="transformer_engine"), groups, 100, seed=1
+    ).eval()
     te_state = te.state_dict()
     for name, tensor in local.state_dict().items():
         if "_extra_state" in name:

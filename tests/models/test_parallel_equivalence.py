@@ -77,12 +77,17 @@ def _train_step(model, groups):
     mask = torch.ones_like(tokens, dtype=torch.float32)
     mask[:, :4] = 0  # prompt positions carry no loss
     labels = torch.roll(tokens, -1, dims=1)
-    mbs = [{"tokens": tokens[i : i + 2], "labels": labels[i : i + 2], "loss_mask": mask[i : i + 2]} for i in (0, 1)]
+    mbs = [
+        {"tokens": tokens[i : i + 2], "labels": labels[i : i + 2], "loss_mask": mask[i : i + 2]}
+        for i in (0, 1)
+    ]
     total = int(sum(mb["loss_mask"].sum() for mb in mbs))
     loss, metrics = forward_backward(model, mbs, sft_forward, sft_loss, groups, total, ("tokens",))
     norm, skipped = optimizer_step(model, optimizer, groups, loss, max_norm=1.0)
     assert not skipped and metrics["tokens"] == total
-    loss2, _ = forward_backward(model, mbs, sft_forward, sft_loss, groups, total, ("tokens",), forward_only=True)
+    loss2, _ = forward_backward(
+        model, mbs, sft_forward, sft_loss, groups, total, ("tokens",), forward_only=True
+    )
     return loss, norm, loss2
 
 
@@ -108,7 +113,9 @@ def _layout(rank, root, tp, pp):
     groups = init_distributed(_cfg(tp, pp)[1])
     out = {}
     for tie in (True, False):
-        out[f"logits_tie{tie}"] = _full_logits(_loaded(groups, Path(root) / f"tp1_tie{tie}", tp, pp, tie), groups)
+        out[f"logits_tie{tie}"] = _full_logits(
+            _loaded(groups, Path(root) / f"tp1_tie{tie}", tp, pp, tie), groups
+        )
     out["step"] = _train_step(_loaded(groups, Path(root) / "tp1_tieTrue", tp, pp, True), groups)
     if tp == 2:  # a checkpoint written at TP=2, for the TP=2 -> TP=1 test
         model = _build(groups, tp, pp, True, seed=99)
@@ -147,7 +154,9 @@ def pp2(root, reference):
 @pytest.mark.parametrize("tie", [True, False])
 def test_tp2_logits_equal_tp1_from_same_checkpoint(reference, tp2, tie):
     for rank_out in tp2:
-        torch.testing.assert_close(rank_out[f"logits_tie{tie}"], reference[f"logits_tie{tie}"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            rank_out[f"logits_tie{tie}"], reference[f"logits_tie{tie}"], atol=1e-5, rtol=0
+        )
 
 
 @pytest.mark.parametrize("tie", [True, False])

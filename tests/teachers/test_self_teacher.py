@@ -53,7 +53,11 @@ def test_refresh_copies_every_k_steps():
     "row, source, expected",
     [
         (PromptRow("sort 31=", "sorting", reference="13", privileged="counts"), "reference", "13\nsort 31="),
-        (PromptRow("sort 31=", "sorting", reference="13", privileged="counts"), "privileged", "counts\nsort 31="),
+        (
+            PromptRow("sort 31=", "sorting", reference="13", privileged="counts"),
+            "privileged",
+            "counts\nsort 31=",
+        ),
         (PromptRow("sort 31=", "sorting"), "reference", "sort 31="),
     ],
 )
