@@ -20,7 +20,12 @@ chunk's logits and forms ``dD/ds = g - q * sum(g)`` (one all-reduce of ``[C]`` p
 ``recompute=False`` instead computes the gradients during forward, right after the loss of each
 chunk, and keeps ``grad_h`` ``[T, H]`` and ``grad_W`` ``[V/n, H]`` until backward (as Liger's chunked
 losses do). That saves the two recomputed matmuls (student and teacher logits) at the cost of holding
-the weight gradient between forward and backward. Use it when the loss is backpropagated right away.
+the weight gradient between forward and backward. Matmul count: the floor (student logits, teacher
+logits, ``grad_h``, ``grad_W``) is 4 lm-head-sized matmuls; ``recompute=False`` does those 4,
+``recompute=True`` does 6, so it cannot run faster than 1.5x the floor. The peak memory is the same
+(the ``[V/n, H]`` accumulator exists in both, only for longer in the first), so use
+``recompute=False`` whenever the loss is backpropagated right after it is computed, which is the
+case in a training step (tools/bench/bench_fused_kl.py measures both).
 
 Tokens with mask weight 0 are dropped before any matmul (prompt tokens cost nothing), so an all-masked
 batch gives a zero loss and zero gradients. Padded vocabulary rows (global index >= ``vocab_size``)
