@@ -114,6 +114,28 @@ class Tokenizer(abc.ABC):
         return None
 
 
+class ByteLevelTokenizer(Tokenizer):
+    """An adapter whose text is exactly the concatenation of its tokens' bytes (sentencepiece with byte
+    fallback, tiktoken, byte-level HF BPE): decoding joins :meth:`token_bytes`, so decode and alignment
+    can never disagree about what a token spells."""
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        pieces = self.token_bytes(ids)
+        if not skip_special:
+            spelled = [self.special_token_text(int(i)) for i in ids]
+            pieces = [b if text is None else text.encode() for b, text in zip(pieces, spelled)]
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def table_bytes(table: list[bytes], ids: list[int]) -> list[bytes]:
+    """``table[i]`` for each id, with a clear error for an id outside the vocabulary."""
+    n = len(table)
+    for pos, i in enumerate(ids):
+        if not 0 <= int(i) < n:
+            raise TokenizerError(f"token id {int(i)} at position {pos} is outside the vocabulary [0, {n})")
+    return [table[int(i)] for i in ids]
+
+
 def spans_from_lengths(lengths: list[int]) -> list[tuple[int, int]]:
     """Consecutive ``(start, end)`` spans of pieces with the given lengths, starting at 0."""
     spans, pos = [], 0

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from opd_megatron.tokenization.base import (
     TOKENIZER_FILE,
-    Tokenizer,
+    ByteLevelTokenizer,
     TokenizerError,
     char_spans_floor,
-    spans_from_lengths,
+    table_bytes,
     write_json_atomic,
 )
 
@@ -47,7 +47,7 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(ByteLevelTokenizer):
     """A ``tokenizers.Tokenizer``; ``eos``/``bos``/``pad`` name special tokens of its vocabulary."""
 
     kind = "hf"
@@ -118,27 +118,8 @@ class HFTokenizer(Tokenizer):
         ids, byte_spans = self.encode_with_byte_offsets(text)
         return ids, char_spans_floor(text, byte_spans)
 
-    def encode_with_byte_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = self.encode(text)
-        return ids, spans_from_lengths([len(b) for b in self.token_bytes(ids)])
-
     def token_bytes(self, ids: list[int]) -> list[bytes]:
-        n = len(self._bytes)
-        for pos, i in enumerate(ids):
-            if not 0 <= int(i) < n:
-                raise TokenizerError(
-                    f"token id {int(i)} at position {pos} is outside the vocabulary [0, {n})"
-                )
-        return [self._bytes[int(i)] for i in ids]
-
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        pieces = self.token_bytes(ids)
-        if not skip_special:
-            pieces = [
-                self._special_text[int(i)].encode() if int(i) in self._special_text else b
-                for i, b in zip(ids, pieces)
-            ]
-        return b"".join(pieces).decode("utf-8", errors="replace")
+        return table_bytes(self._bytes, ids)
 
     def special_token_id(self, token: str) -> int:
         if token in self._special_id:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from opd_megatron.tokenization.base import (
     TOKENIZER_FILE,
-    Tokenizer,
+    ByteLevelTokenizer,
     TokenizerError,
     char_spans_floor,
+    table_bytes,
     write_json_atomic,
 )
 
@@ -27,7 +28,7 @@ __all__ = ["SentencePieceTokenizer"]
 _MODEL_FILE = "tokenizer.model"
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(ByteLevelTokenizer):
     """A SentencePiece model; ``model_proto`` is the serialised model (the ``.model`` file's bytes)."""
 
     kind = "sentencepiece"
@@ -103,22 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
         return ids, char_spans_floor(text, byte_spans)
 
     def token_bytes(self, ids: list[int]) -> list[bytes]:
-        n = len(self._bytes)
-        for pos, i in enumerate(ids):
-            if not 0 <= int(i) < n:
-                raise TokenizerError(
-                    f"token id {int(i)} at position {pos} is outside the vocabulary [0, {n})"
-                )
-        return [self._bytes[int(i)] for i in ids]
-
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        pieces = self.token_bytes(ids)
-        if not skip_special:
-            pieces = [
-                self.sp.id_to_piece(int(i)).encode() if int(i) in self._special else b
-                for i, b in zip(ids, pieces)
-            ]
-        return b"".join(pieces).decode("utf-8", errors="replace")
+        return table_bytes(self._bytes, ids)
 
     def special_token_id(self, token: str) -> int:
         if token in self._control:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from opd_megatron.tokenization.base import (
     TOKENIZER_FILE,
-    Tokenizer,
+    ByteLevelTokenizer,
     TokenizerError,
     char_spans_floor,
-    spans_from_lengths,
     write_json_atomic,
 )
 
@@ -56,7 +55,7 @@ def write_ranks(path: str | os.PathLike, ranks: dict[bytes, int]) -> None:
     os.replace(tmp, path)
 
 
-class TiktokenTokenizer(Tokenizer):
+class TiktokenTokenizer(ByteLevelTokenizer):
     """A tiktoken ``Encoding`` over ``mergeable_ranks`` plus named special tokens.
 
     ``special_tokens`` lists the special token spellings; they get ids ``len(ranks) ..`` in order. ``eos``
@@ -117,10 +116,6 @@ class TiktokenTokenizer(Tokenizer):
         ids, byte_spans = self.encode_with_byte_offsets(text)
         return ids, char_spans_floor(text, byte_spans)
 
-    def encode_with_byte_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = self.encode(text)
-        return ids, spans_from_lengths([len(b) for b in self.token_bytes(ids)])
-
     def token_bytes(self, ids: list[int]) -> list[bytes]:
         out = []
         for pos, i in enumerate(ids):
@@ -134,15 +129,6 @@ class TiktokenTokenizer(Tokenizer):
                     f"token id {i} at position {pos} is outside the vocabulary [0, {self.vocab_size})"
                 )
         return out
-
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        pieces = self.token_bytes(ids)
-        if not skip_special:
-            pieces = [
-                self._special_text[int(i)].encode() if int(i) in self._special_text else b
-                for i, b in zip(ids, pieces)
-            ]
-        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def special_token_id(self, token: str) -> int:
         if token in self.specials:
