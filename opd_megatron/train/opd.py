@@ -275,6 +275,9 @@ class OPDTrainer:
                 tp_group=g.tp_group if g.tp_size > 1 else None,
                 vocab_size=vocab,
                 token_clip=lc.opsd_tau if lc.objective == "opsd" else None,
+                # The loss is backpropagated right away inside the schedule: forming the gradients during
+                # forward saves the two recomputed lm-head matmuls at the same peak memory.
+                recompute=False,
             )
             return out.loss, {
                 "tokens": mask_BS.sum(),
