@@ -232,7 +232,8 @@ def test_client_retries_then_names_the_teacher_when_down():
     ):
         client.score_topk([[1, 2, 3]], 1)
     assert client.attempts == 3
-    assert time.monotonic() - t0 >= 0.05 + 0.1 * 0.75  # it backed off between attempts
+    # Two backoffs (0.05 s, then 0.1 s), each scaled by a jitter factor of at least 0.75.
+    assert time.monotonic() - t0 >= 0.75 * (0.05 + 0.1)
     assert not client.health()
 
 
