@@ -79,9 +79,9 @@ def cmd_sft(args) -> int:
 def cmd_run(args) -> int:
     path, overrides = _split_config(args)
     if path is None and not any(o.startswith("teachers") for o in overrides):
-        from opd_megatron.train.opd_demo import run_opd_demo
+        from opd_megatron.train.mopd_demo import run_mopd_demo
 
-        return run_opd_demo(None, overrides)
+        return run_mopd_demo(None, overrides)
     cfg = load_config(path, overrides)
     _preflight(cfg)
     from opd_megatron.train.opd import run_opd
@@ -155,11 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing data/checkpoint errors: no traceback, a clear message
         from opd_megatron.data.jsonl import DataError
         from opd_megatron.models.checkpoint import CheckpointError
+        from opd_megatron.teachers.base import TeacherError
         from opd_megatron.tokenization.base import TokenizerError
 
         if isinstance(e, DataError | CheckpointError | TokenizerError):
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG
+        if isinstance(e, TeacherError):  # the message names the teacher; checkpoints on disk are intact
+            print(f"teacher error: {e}", file=sys.stderr)
+            return 1
         raise
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "TokenizerConfig",
     "ParallelConfig",
     "TeacherConfig",
+    "MOPDConfig",
     "LossConfig",
     "RolloutConfig",
     "TrainConfig",
@@ -201,7 +202,14 @@ class TeacherConfig:
     """Teacher tokenizer when it differs from the student's (cross-tokeniser OPD)."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     offload_when_idle: bool = False
-    """Keep the teacher's weights in CPU memory between scoring calls."""
+    """Co-located on CUDA: keep the teacher's weights in host memory between scoring calls (moved to the
+    GPU for each call), trading transfer time for GPU memory. On CPU the weights already live there."""
+    token_env: str | None = None
+    """Remote: name of the environment variable holding the service's bearer token (never the token)."""
+    timeout_s: float = 60.0
+    """Remote: socket timeout of one request attempt."""
+    retries: int = 3
+    """Remote: attempts after the first before the step is aborted with this teacher's name."""
     self_mode: Literal["frozen", "ema", "refresh"] = "frozen"
     """For ``placement: self``: frozen snapshot, EMA of the student, or periodic refresh."""
     ema_rate: float = 0.99
@@ -225,6 +233,8 @@ class TeacherConfig:
         _check(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate}")
         _one_of(self.dtype, ("fp32", "bf16"), "dtype")
         _one_of(self.self_mode, ("frozen", "ema", "refresh"), "self_mode")
+        _check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.retries >= 0, "retries", f"must be >= 0, got {self.retries}")
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
@@ -249,8 +259,16 @@ class LossConfig:
     """Tokens per chunk in the fused vocab-parallel loss."""
     objective: Literal["divergence", "minillm", "tinker", "gopd", "aopd", "opsd", "rlsd"] = "divergence"
     """``divergence``: full-vocab fused divergence; the others are sampled-token objectives."""
-    topk: int = 0
-    """> 0 uses the sparse top-k path (remote teachers return top-k log-probs)."""
+    topk: int = 20
+    """k of the sparse top-k targets remote teachers return (their loss uses the top-k path)."""
+    topk_tail: Literal["renorm", "rest"] = "renorm"
+    """Tail mass of the top-k path: renormalise over the k tokens, or keep a "rest" bucket."""
+    uld_metric: Literal["l1", "w1"] = "l1"
+    """Cross-tokeniser teachers: distance of the ULD fallback on sorted probabilities."""
+    cross_kl_weight: float = 1.0
+    """Cross-tokeniser teachers: weight of the KL on the shared vocabulary at boundary-aligned positions."""
+    uld_weight: float = 1.0
+    """Cross-tokeniser teachers: weight of the ULD term (rest of the vocabulary, and unaligned positions)."""
     on_policy_lambda: float = 1.0
     """GKD lambda: share of each batch whose completions the student samples itself; the rest are
     off-policy sequences (``off_policy_source``). 0 is supervised KD, 1 fully on-policy."""
@@ -291,7 +309,11 @@ class LossConfig:
         _check(0.0 <= self.skew_alpha < 1.0, "skew_alpha", f"must be in [0, 1), got {self.skew_alpha}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
-        _check(self.topk >= 0, "topk", f"must be >= 0, got {self.topk}")
+        _check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
+        _one_of(self.topk_tail, ("renorm", "rest"), "topk_tail")
+        _one_of(self.uld_metric, ("l1", "w1"), "uld_metric")
+        for name in ("cross_kl_weight", "uld_weight"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -421,6 +443,49 @@ class LaunchConfig:
             _check(bool(self.host), "host", "an ssh tunnel needs a host")
 
 
+ROUTINGS = ("specialty", "confidence", "pass_rate", "mixture")
+
+
+@dataclass
+class MOPDConfig:
+    """How several teachers share the supervision of one student (multi-teacher OPD)."""
+
+    routing: Literal["specialty", "confidence", "pass_rate", "mixture"] = "specialty"
+    """``specialty``: each rollout goes to the teacher whose ``domains`` list its domain (else
+    ``default_teacher``); ``confidence``: every teacher scores, the most confident one supervises the
+    rollout; ``pass_rate``: the teacher with the best validation pass rate on the rollout's domain;
+    ``mixture``: every teacher scores and the KL target is their weighted mixture."""
+    default_teacher: str | None = None
+    """Teacher for domains no teacher claims (specialty / pass-rate routing); None: the first teacher."""
+    exclusive: bool = True
+    """Specialty routing: a domain may be claimed by one teacher only (checked before training)."""
+    confidence: Literal["logprob", "entropy"] = "logprob"
+    """Confidence routing: highest mean log-prob of the rollout's tokens, or lowest mean entropy."""
+    pass_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Pass-rate routing: ``{domain: {teacher: rate}}`` from a validation run; empty: measured at start-up
+    (greedy exact match of each co-located teacher on the held-out split)."""
+    mixture_weights: Literal["fixed", "per_prompt", "per_token"] = "fixed"
+    """Mixture routing: the teachers' ``weight`` fields (normalised), or a softmax over teachers of their
+    mean log-prob of each rollout (per prompt) or of each token (per token), at ``mixture_temperature``."""
+    mixture_temperature: float = 1.0
+    disagreement_every: int = 1
+    """Log the teachers' JS disagreement on the step's rollouts every this many steps (0: never; under
+    specialty routing this scores the batch with every teacher)."""
+    max_teacher_failures: int = 3
+    """Consecutive steps aborted by a failing teacher before the run stops with that teacher's error."""
+
+    def __post_init__(self):
+        _one_of(self.routing, ROUTINGS, "routing")
+        _one_of(self.confidence, ("logprob", "entropy"), "confidence")
+        _one_of(self.mixture_weights, ("fixed", "per_prompt", "per_token"), "mixture_weights")
+        _check(self.mixture_temperature > 0, "mixture_temperature", "must be > 0")
+        _check(self.disagreement_every >= 0, "disagreement_every", "must be >= 0")
+        _check(self.max_teacher_failures >= 1, "max_teacher_failures", "must be >= 1")
+        for domain, rates in self.pass_rates.items():
+            for teacher, rate in rates.items():
+                _check(0.0 <= rate <= 1.0, f"pass_rates.{domain}.{teacher}", f"must be in [0, 1], got {rate}")
+
+
 @dataclass
 class RunConfig:
     """The root of the tree: everything one job needs."""
@@ -430,6 +495,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     teachers: list[TeacherConfig] = field(default_factory=list)
+    mopd: MOPDConfig = field(default_factory=MOPDConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -28,6 +28,8 @@ class MegatronTeacher(Teacher):
     """Scores with a Megatron GPTModel; ``prompt_view`` may give the teacher a different prompt text
     than the student saw (None: the student's own prompt token ids)."""
 
+    dense = True
+
     def __init__(
         self,
         name: str,
@@ -37,8 +39,13 @@ class MegatronTeacher(Teacher):
         encode_prompt: Callable[[str], list[int]] | None = None,
         prompt_view: Callable[[PromptRow], str] | None = None,
         vocab_rows: tuple[int, int] | None = None,
+        offload_when_idle: bool = False,
     ):
         self.name, self.model, self.groups, self.pad_id = name, model, groups, pad_id
+        # Host-memory offload only means something when the model would otherwise sit on a GPU.
+        self.offload = offload_when_idle and groups.device.type == "cuda"
+        if self.offload:
+            model.to("cpu")
         self.encode_prompt, self.prompt_view = encode_prompt, prompt_view
         # Rows of this rank's output-layer shard that match the student's vocabulary shard (a teacher at a
         # smaller TP holds a wider shard than the student rank it serves).
@@ -65,7 +72,18 @@ class MegatronTeacher(Teacher):
         tokens_BS = right_pad(seqs, self.pad_id, self.groups.device)
         pos_BS = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
         self.model.eval()
-        hidden_SBH = pipeline_forward(self.model, tokens_BS, pos_BS, self.groups, stage_fn=_hidden_stage)
+        if self.offload:
+            self.model.to(self.groups.device)
+        try:
+            hidden_SBH = pipeline_forward(self.model, tokens_BS, pos_BS, self.groups, stage_fn=_hidden_stage)
+            weight_VH = output_weight(self.model).detach() if hidden_SBH is not None else None
+            if (
+                self.offload and weight_VH is not None
+            ):  # the targets outlive this call: keep a device copy of the output layer
+                weight_VH = weight_VH.clone()
+        finally:
+            if self.offload:
+                self.model.to("cpu")
         self.calls += 1
         self.tokens_scored += sum(len(c) for c in completion_ids)
         if hidden_SBH is None:
@@ -77,7 +95,6 @@ class MegatronTeacher(Teacher):
             for i, (p, c) in enumerate(zip(prompts, completion_ids))
         ]
         hidden_NH = torch.cat(parts, dim=0) if parts else hidden_SBH.new_zeros(0, hidden_SBH.shape[-1])
-        weight_VH = output_weight(self.model).detach()
         if self.vocab_rows is not None:
             weight_VH = weight_VH[self.vocab_rows[0] : self.vocab_rows[1]]
         return TeacherTargets(hidden_NH=hidden_NH, weight_VH=weight_VH)
@@ -107,4 +124,6 @@ def build_colocated_teacher(tcfg: TeacherConfig, groups: ParallelGroups, student
         s0, s1 = vocab_shard_range(model, groups.tp_rank, groups.tp_size)
         t0, _ = vocab_shard_range(model, t_groups.tp_rank, teacher_tp)
         rows = (s0 - t0, s1 - t0)
-    return MegatronTeacher(tcfg.name, model, t_groups, pad_id, vocab_rows=rows)
+    return MegatronTeacher(
+        tcfg.name, model, t_groups, pad_id, vocab_rows=rows, offload_when_idle=tcfg.offload_when_idle
+    )

@@ -247,6 +247,8 @@ class RemoteTeacher(Teacher):
     co-located teacher. Data-parallel ranks each score their own rollouts.
     """
 
+    dense = False
+
     def __init__(self, client: RemoteTeacherClient, k: int, groups=None):
         self.name, self.client, self.k, self.groups = client.name, client, k, groups
         self.calls = 0

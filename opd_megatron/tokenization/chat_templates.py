@@ -34,6 +34,7 @@ __all__ = [
     "elements_from_ids",
     "encode_segments",
     "get_template",
+    "reemit_completion",
     "reemit",
 ]
 
@@ -268,6 +269,23 @@ def reemit(
     if not (is_open and turns and turns[-1].role == "assistant" and turns[-1].content == ""):
         raise TemplateError(f"{student_tpl.name}: prompt does not end with the assistant generation prompt")
     turns = turns[:-1]
+    text, ended, teacher_completion = reemit_completion(
+        completion_ids, student_tok, student_tpl, teacher_tok, teacher_tpl
+    )
+    teacher_prompt = encode_segments(teacher_tok, teacher_tpl.render(turns, add_generation_prompt=True))
+    return Reemission(turns, text, ended, teacher_prompt, teacher_completion)
+
+
+def reemit_completion(
+    completion_ids: list[int],
+    student_tok: Tokenizer,
+    student_tpl: ChatTemplate,
+    teacher_tok: Tokenizer,
+    teacher_tpl: ChatTemplate,
+) -> tuple[str, bool, list[int]]:
+    """The completion half of :func:`reemit`: ``(text, ended, teacher_completion_ids)``. The text is the
+    student's tokens up to its first special token; ``ended`` when that special is the student's
+    end-of-turn or EOS token, and then the teacher's end-of-turn token closes the teacher's ids."""
     specials = student_tok.special_ids
     n = next((k for k, i in enumerate(completion_ids) if int(i) in specials), len(completion_ids))
     ended = n < len(completion_ids) and int(completion_ids[n]) in (
@@ -275,6 +293,4 @@ def reemit(
         student_tok.eos_id,
     )
     text = b"".join(student_tok.token_bytes(completion_ids[:n])).decode("utf-8", errors="replace")
-    teacher_prompt = encode_segments(teacher_tok, teacher_tpl.render(turns, add_generation_prompt=True))
-    teacher_completion = teacher_tok.encode(text) + ([_end_id(teacher_tok, teacher_tpl)] if ended else [])
-    return Reemission(turns, text, ended, teacher_prompt, teacher_completion)
+    return text, ended, teacher_tok.encode(text) + ([_end_id(teacher_tok, teacher_tpl)] if ended else [])

@@ -16,7 +16,7 @@ import torch
 
 from opd_megatron.tokenization.alignment import Alignment, align_completion, alignment_stats
 from opd_megatron.tokenization.base import Tokenizer
-from opd_megatron.tokenization.chat_templates import ChatTemplate, reemit
+from opd_megatron.tokenization.chat_templates import ChatTemplate, reemit, reemit_completion
 
 __all__ = ["CrossTokenizerPlan", "plan_cross_tokenizer"]
 
@@ -42,19 +42,29 @@ def plan_cross_tokenizer(
     student_tpl: ChatTemplate,
     teacher_tok: Tokenizer,
     teacher_tpl: ChatTemplate,
+    teacher_prompt_ids: list[list[int]] | None = None,
 ) -> CrossTokenizerPlan:
-    """Re-emit each rollout under the teacher's template and tokenizer, then align its completion."""
+    """Re-emit each rollout under the teacher's template and tokenizer, then align its completion.
+
+    ``teacher_prompt_ids`` given (the teacher's own rendering of each row's prompt, for data whose prompts
+    are not chat-formatted): only the completions are re-emitted; otherwise the prompt's turns are
+    stripped of the student's template and re-rendered under the teacher's."""
     t_prompts, t_completions, alignments, aligned, index = [], [], [], [], []
     offset = 0  # rows of the teacher's completion targets before this rollout
-    for p_ids, c_ids in zip(prompt_ids, completion_ids):
-        r = reemit(p_ids, c_ids, student_tok, student_tpl, teacher_tok, teacher_tpl)
-        a = align_completion(student_tok, list(c_ids), teacher_tok, r.teacher_completion_ids)
-        t_prompts.append(r.teacher_prompt_ids)
-        t_completions.append(r.teacher_completion_ids)
+    for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids)):
+        if teacher_prompt_ids is None:
+            r = reemit(p_ids, c_ids, student_tok, student_tpl, teacher_tok, teacher_tpl)
+            t_prompt, t_completion = r.teacher_prompt_ids, r.teacher_completion_ids
+        else:
+            t_prompt = teacher_prompt_ids[i]
+            _, _, t_completion = reemit_completion(c_ids, student_tok, student_tpl, teacher_tok, teacher_tpl)
+        a = align_completion(student_tok, list(c_ids), teacher_tok, t_completion)
+        t_prompts.append(t_prompt)
+        t_completions.append(t_completion)
         alignments.append(a)
         aligned += a.mask
         index += [offset + u if u >= 0 else -1 for u in a.fallback_index()]
-        offset += len(r.teacher_completion_ids)
+        offset += len(t_completion)
     return CrossTokenizerPlan(
         t_prompts,
         t_completions,

@@ -36,6 +36,7 @@ from opd_megatron.losses import (
     rlsd_loss,
     tinker_loss,
 )
+from opd_megatron.losses.uld import shared_vocab
 from opd_megatron.models.checkpoint import (
     latest_checkpoint,
     load_model_weights,
@@ -45,22 +46,30 @@ from opd_megatron.models.checkpoint import (
 )
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
 from opd_megatron.models.hidden import decoder_hidden_states
+from opd_megatron.mopd import MOPDOrchestrator, StepAborted, build_teachers
+from opd_megatron.mopd.orchestrator import MixtureTargets, is_remote, measure_pass_rates
+from opd_megatron.mopd.registry import default_teacher
 from opd_megatron.rollout.sampler import MegatronSampler
 from opd_megatron.rollout.types import Rollout, SamplingParams
-from opd_megatron.teachers import (
-    MegatronTeacher,
-    SelfTeacher,
-    Teacher,
-    TeacherTargets,
-    build_colocated_teacher,
-)
+from opd_megatron.teachers import MegatronTeacher, SelfTeacher, Teacher, TeacherTargets
+from opd_megatron.teachers.base import TeacherError, TopKTargets
+from opd_megatron.teachers.cross import CrossTokenizerTargets, CrossTokenizerTeacher
 from opd_megatron.tokenization import load_tokenizer
+from opd_megatron.tokenization.alignment import alignment_stats
 from opd_megatron.train.evaluate import exact_match, prompt_ids
 from opd_megatron.train.metrics import MetricsLogger, Progress
 from opd_megatron.train.optim import build_optimizer, lr_at, set_lr
 from opd_megatron.train.preemption import PreemptionHandler
 from opd_megatron.train.sft import DataCursor, pad_batch
 from opd_megatron.train.step import forward_backward, optimizer_step
+from opd_megatron.train.target_loss import (
+    cross_loss,
+    dense_loss,
+    mixture_logprobs,
+    mixture_loss,
+    teacher_logprobs,
+    topk_loss,
+)
 
 SAMPLED_OBJECTIVES = ("tinker", "minillm", "gopd", "aopd", "rlsd")
 METRIC_KEYS = ("tokens", "kl_sum", "agree_sum")
@@ -88,15 +97,38 @@ def lambda_at(step: int, cfg) -> float:
 
 
 def validate_opd_config(cfg: RunConfig) -> None:
-    """OPD-specific consistency checks (beyond each section's own validation)."""
+    """OPD-specific consistency checks (beyond each section's own validation). Several teachers, remote
+    teachers and teachers of another tokenizer go through the MOPD orchestrator, which supports the
+    full-distribution objectives; the features that need one teacher's dense logits over the student's
+    vocabulary (sampled-token objectives, teacher-mixed sampling, teacher-sampled off-policy data) need
+    exactly one co-located (or self) teacher of the student's tokenizer."""
+    from opd_megatron.mopd import validate_mopd_config
+
+    validate_mopd_config(cfg)
     lc = cfg.loss
-    if len(cfg.teachers) != 1:
-        raise ConfigError(
-            "teachers", f"single-teacher OPD needs exactly one teacher, got {len(cfg.teachers)}"
-        )
     t = cfg.teachers[0]
-    if t.placement == "remote":
-        raise ConfigError("teachers[0].placement", "remote teachers are scored by the MOPD orchestrator")
+    single_dense = len(cfg.teachers) == 1 and t.placement != "remote" and t.tokenizer is None
+    needs = [
+        (
+            lc.objective in SAMPLED_OBJECTIVES or lc.objective == "opsd",
+            "loss.objective",
+            f"objective {lc.objective!r}",
+        ),
+        (lc.mix_alpha > 0, "loss.mix_alpha", "teacher-mixed sampling"),
+        (
+            lc.on_policy_lambda < 1 and lc.off_policy_source == "teacher",
+            "loss.off_policy_source",
+            "teacher-sampled off-policy data",
+        ),
+    ]
+    for bad, path, what in needs:
+        if bad and not single_dense:
+            raise ConfigError(
+                path,
+                f"{what} needs exactly one co-located teacher with the student's tokenizer "
+                f"(got {len(cfg.teachers)} teacher(s), the first {t.placement!r}"
+                f"{' with its own tokenizer' if t.tokenizer else ''})",
+            )
     if lc.objective in SAMPLED_OBJECTIVES and (lc.on_policy_lambda < 1 or lc.lambda_schedule != "constant"):
         raise ConfigError(
             "loss.on_policy_lambda",
@@ -133,7 +165,26 @@ class OPDTrainer:
         self.student = build_gpt_model(cfg.model, self.groups, vocab, seed=cfg.train.seed)
         if self.tc.init_checkpoint:
             load_model_weights(self.tc.init_checkpoint, self.student)
-        self.teacher = self._build_teacher(vocab)
+        self.teachers = self._build_teachers(vocab)
+        self.teacher = self.teachers[default_teacher(cfg)]
+        """The default teacher: the one of single-teacher features (mixed sampling, off-policy samples)."""
+        pass_rates = None
+        if len(self.teachers) > 1 and cfg.mopd.routing == "pass_rate" and not cfg.mopd.pass_rates:
+            pass_rates = measure_pass_rates(
+                self.teachers,
+                self.eval_rows,
+                self.tokenizer,
+                cfg.rollout.max_new_tokens,
+                cfg.train.eval_samples,
+            )
+        self.orch = MOPDOrchestrator(
+            self.teachers, cfg, self.groups, vocab, cfg.train.micro_batch_size, pass_rates
+        )
+        self.shared_vocab = {
+            name: shared_vocab(self.tokenizer, t.teacher_tok)
+            for name, t in self.teachers.items()
+            if isinstance(t, CrossTokenizerTeacher)
+        }
         self.reference = None
         if self.lc.objective == "gopd":  # G-OPD's reference: the student as it starts
             ref = build_gpt_model(cfg.model, self.groups, vocab, frozen=True)
@@ -151,13 +202,14 @@ class OPDTrainer:
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
         self.params = SamplingParams.from_config(cfg.rollout)
         self.max_eval_tokens = cfg.rollout.max_new_tokens
-        self.skipped = {"nonfinite": 0, "empty_rollouts": 0}
+        self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "teacher_failures": 0}
+        self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ construction
-    def _build_teacher(self, vocab: int) -> Teacher:
+    def _build_teachers(self, vocab: int) -> dict[str, Teacher]:
         t = self.cfg.teachers[0]
-        if t.placement == "colocated":
-            return build_colocated_teacher(t, self.groups, vocab, self.tokenizer.pad_id)
+        if t.placement != "self":
+            return build_teachers(self.cfg, self.groups, self.tokenizer, prompt_ids)
         model = build_gpt_model(self.cfg.model, self.groups, vocab, frozen=True)
         teacher = SelfTeacher(
             t.name,
@@ -171,7 +223,7 @@ class OPDTrainer:
             source=t.privileged_source,
         )
         teacher.sync_from(self.student)
-        return teacher
+        return {t.name: teacher}
 
     # ------------------------------------------------------------------ data
     def _completions(self, step: int, rows: list[PromptRow]):
@@ -218,35 +270,48 @@ class OPDTrainer:
         return pick(rows), pick(prompts), pick(comps), pick(behaviour), pick(weights), lam, n_on
 
     @staticmethod
-    def _grid(prompts, comps, values, width) -> torch.Tensor:
-        """Place per-completion-token values at their loss positions of a ``[B, width]`` grid."""
-        grid = torch.zeros(len(prompts), width)
+    def _grid(prompts, comps, values, width, rows: int | None = None) -> torch.Tensor:
+        """Place per-completion-token values at their loss positions of a ``[B, width]`` grid (``rows``
+        >= ``len(prompts)`` rows; the extra ones stay 0)."""
+        grid = torch.zeros(rows or len(prompts), width)
         for i, (p, c, v) in enumerate(zip(prompts, comps, values)):
             grid[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(v, dtype=torch.float32)
         return grid
 
-    def _microbatches(self, rows, prompts, comps, behaviour, weights):
+    def _microbatches(self, rows, prompts, comps, behaviour, weights, names):
+        """Micro-batches of at most ``micro_batch_size`` rollouts, each supervised by one teacher (``names``
+        per rollout; teachers in order of first appearance). All share one width; under pipeline
+        parallelism all also share one row count (padding rows carry no loss), as the stages exchange
+        fixed shapes."""
         seqs = [p + c for p, c in zip(prompts, comps)]
         width = max(len(s) for s in seqs)
-        mbs = []
         size = self.tc.micro_batch_size
-        for i in range(0, len(seqs), size):
-            sl = slice(i, i + size)
-            tokens = torch.full((len(seqs[sl]), width), self.tokenizer.pad_id, dtype=torch.long)
-            for j, s in enumerate(seqs[sl]):
-                tokens[j, : len(s)] = torch.tensor(s)
+        chunks = []
+        for name in dict.fromkeys(names):
+            idx = [i for i, n in enumerate(names) if n == name]
+            chunks += [(name, idx[i : i + size]) for i in range(0, len(idx), size)]
+        mbs = []
+        for name, idx in chunks:
+            pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
+            m_rows, m_prompts, m_comps = pick(rows), pick(prompts), pick(comps)
+            n_rows = size if self.groups.pp_size > 1 else len(idx)
+            tokens = torch.full((n_rows, width), self.tokenizer.pad_id, dtype=torch.long)
+            for j, i in enumerate(idx):
+                tokens[j, : len(seqs[i])] = torch.tensor(seqs[i])
             labels = torch.roll(tokens, -1, dims=1)
             labels[:, -1] = self.tokenizer.pad_id
-            mask = self._grid(prompts[sl], comps[sl], [[1.0] * len(c) for c in comps[sl]], width)
-            mb = {
-                "tokens": tokens,
-                "labels": labels,
-                "loss_mask": mask,
-                "behaviour": self._grid(prompts[sl], comps[sl], behaviour[sl], width),
-                "weights": self._grid(prompts[sl], comps[sl], weights[sl], width),
+
+            grids = {
+                key: self._grid(m_prompts, m_comps, values, width, n_rows)
+                for key, values in (
+                    ("loss_mask", [[1.0] * len(c) for c in m_comps]),
+                    ("behaviour", pick(behaviour)),
+                    ("weights", pick(weights)),
+                )
             }
+            mb = {"tokens": tokens, "labels": labels, **grids}
             mb = pad_batch(mb, width, self.tokenizer.pad_id, self.groups.device)
-            mb["rows"], mb["prompts"], mb["comps"] = rows[sl], prompts[sl], comps[sl]
+            mb["rows"], mb["prompts"], mb["comps"], mb["teacher_name"] = m_rows, m_prompts, m_comps, name
             mbs.append(mb)
         return mbs
 
@@ -255,36 +320,28 @@ class OPDTrainer:
         lc, g = self.lc, self.groups
         mask_BS = mb["loss_mask"].bool()
         hidden_NH = hidden_SBH.transpose(0, 1)[mask_BS]  # row-major: the teacher's order
-        tgt: TeacherTargets = mb["teacher"]
+        tgt = mb["teacher"]
         weight_VH = output_weight(self.student)
         vocab = self.student.real_vocab_size
-        if lc.objective in ("divergence", "opsd"):
-            out = fused_linear_divergence(
-                hidden_NH,
-                weight_VH,
-                teacher_hidden_TH=tgt.hidden_NH,
-                teacher_weight_VH=tgt.weight_VH,
-                mask_T=mb["weights"][mask_BS],
-                normaliser=1.0,
-                divergence=lc.divergence,
-                jsd_beta=lc.jsd_beta,
-                skew_alpha=lc.skew_alpha,
-                temperature=lc.temperature,
-                scale_by_t2=lc.scale_by_t2,
-                chunk_size=lc.chunk_size,
-                tp_group=g.tp_group if g.tp_size > 1 else None,
-                vocab_size=vocab,
-                token_clip=lc.opsd_tau if lc.objective == "opsd" else None,
-                # The loss is backpropagated right away inside the schedule: forming the gradients during
-                # forward saves the two recomputed lm-head matmuls at the same peak memory.
-                recompute=False,
-            )
-            return out.loss, {
-                "tokens": mask_BS.sum(),
-                "kl_sum": out.per_token.detach().sum(),
-                "agree_sum": out.top1_agree.float().sum(),
-            }
-        return self._sampled_loss(hidden_NH, weight_VH, tgt, mb, mask_BS)
+        group = g.tp_group if g.tp_size > 1 else None
+        weights_N = mb["weights"][mask_BS]
+        if isinstance(tgt, MixtureTargets):
+            parts = mixture_loss(hidden_NH, weight_VH, tgt.parts, tgt.weights_MN, weights_N, lc, group, vocab)
+        elif isinstance(tgt, CrossTokenizerTargets):
+            name = mb["teacher_name"]
+            parts = cross_loss(
+                hidden_NH, weight_VH, tgt, weights_N, lc, group, vocab,
+                self.teachers[name].teacher_tok.vocab_size, self.shared_vocab[name],
+            )  # fmt: skip
+        elif isinstance(tgt, TopKTargets):
+            parts = topk_loss(hidden_NH, weight_VH, tgt, weights_N, lc, group, vocab)
+        elif lc.objective in ("divergence", "opsd"):
+            clip = lc.opsd_tau if lc.objective == "opsd" else None
+            parts = dense_loss(hidden_NH, weight_VH, tgt, weights_N, lc, group, vocab, clip)
+        else:
+            return self._sampled_loss(hidden_NH, weight_VH, tgt, mb, mask_BS)
+        loss, kl_sum, agree_sum = parts
+        return loss, {"tokens": mask_BS.sum(), "kl_sum": kl_sum, "agree_sum": agree_sum}
 
     def _sampled_loss(self, hidden_NH, weight_VH, tgt, mb, mask_BS):
         """Sampled-token objectives on ``[B, S]`` grids (they need each sequence's structure)."""
@@ -355,15 +412,26 @@ class OPDTrainer:
         gen_tokens = sum(len(c) for c in comps[:n_on])
         if not rows:  # every completion was empty: nothing to learn from, no step
             return {"skipped": True, "reason": "all rollouts empty", "lambda": lam}
-        mbs = self._microbatches(rows, prompts, comps, behaviour, weights)
         t1 = time.monotonic()
-        finite = True
-        for mb in mbs:
-            mb["teacher"] = self.teacher.score(mb["rows"], mb["prompts"], mb["comps"])
-            if mb["teacher"] is not None and not mb["teacher"].finite():
-                finite = False
-            if self.reference is not None:
+        text_bytes = [len(b"".join(self.tokenizer.token_bytes(c))) for c in comps]
+        try:
+            names = self.orch.assign(rows, prompts, comps, text_bytes)
+            mbs = self._microbatches(rows, prompts, comps, behaviour, weights, names)
+            self.orch.score(mbs)
+        except StepAborted as e:
+            return self._abort(step, e, lam)
+        finite = all(mb["teacher"] is None or mb["teacher"].finite() for mb in mbs)
+        if self.reference is not None:
+            for mb in mbs:
                 mb["reference"] = self.reference.score(mb["rows"], mb["prompts"], mb["comps"])
+        every = self.cfg.mopd.disagreement_every
+        js = self.orch.disagreement(mbs) if every and step % every == 0 else None
+        cross = [
+            a
+            for t in self.teachers.values()
+            if isinstance(t, CrossTokenizerTeacher)
+            for a in t.last_alignments
+        ]
         t_score = time.monotonic() - t1
         local_tokens = torch.tensor([float(sum(len(c) for c in comps))], device=g.device)
         if g.dp_size > 1:
@@ -388,10 +456,20 @@ class OPDTrainer:
         if skipped:
             self.skipped["nonfinite"] += 1
         else:
-            self.teacher.after_step(self.student, step + 1)
+            for t in self.teachers.values():
+                t.after_step(self.student, step + 1)
+        self.consecutive_failures = 0
         t_update = time.monotonic() - t2
         tokens = max(m["tokens"], 1.0)
+        t_step = t_rollout + t_score + t_update
+        extra = {**self.orch.counters(), **({"teacher_js": js} if js is not None else {})}
+        if cross:
+            extra.update(alignment_stats(cross))
         return {
+            **extra,
+            "share_rollout": t_rollout / t_step,
+            "share_score": t_score / t_step,
+            "share_update": t_update / t_step,
             "loss": loss,
             "kl_per_token": m["kl_sum"] / tokens,
             "top1_agreement": m["agree_sum"] / tokens,
@@ -407,11 +485,25 @@ class OPDTrainer:
             "time_update": t_update,
         }
 
+    def _abort(self, step: int, err: StepAborted, lam: float) -> dict:
+        """A teacher failed: no update this step (on any rank); too many in a row end the run with the
+        teacher's error (the checkpoints on disk are the last good ones)."""
+        self.skipped["teacher_failures"] += 1
+        self.consecutive_failures += 1
+        who = f"teacher {err.teacher!r}" if err.teacher else "a teacher on another rank"
+        if self.groups.is_main:
+            print(f"step {step + 1}: {who} failed, step aborted (no parameter change): {err}", flush=True)
+        if self.consecutive_failures >= self.cfg.mopd.max_teacher_failures:
+            raise TeacherError(f"{self.consecutive_failures} consecutive steps aborted; last: {err}") from err
+        return {"skipped": True, "reason": f"{who} failed", "teacher": err.teacher or "", "lambda": lam}
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def heldout_kl(self, limit: int) -> float:
         """Mean per-token reverse KL(student || teacher) on the student's greedy completions of held-out
-        prompts: the quantity OPD minimises, measured where the student actually goes."""
+        prompts, each against the teacher (or mixture) the routing assigns: the quantity OPD minimises,
+        measured where the student actually goes. Rollouts routed to remote or cross-tokeniser teachers
+        have no full-vocabulary KL and are left out (NaN when no rollout has one)."""
         g = self.groups
         rows = [r for rs in self.eval_rows.values() for r in rs[:limit]]
         prompts = [prompt_ids(self.tokenizer, r.prompt) for r in rows]
@@ -425,16 +517,34 @@ class OPDTrainer:
             [ro.completion_ids[i] for i in keep],
         )
         total, count = 0.0, 0
-        for i in range(0, len(rows), 64):
-            sl = slice(i, i + 64)
-            s = self.scorer.score(rows[sl], prompts[sl], comps[sl])
-            t = self.teacher.score(rows[sl], prompts[sl], comps[sl])
-            if s is not None:
+        text_bytes = [len(b"".join(self.tokenizer.token_bytes(c))) for c in comps]
+        names = self.orch.assign(rows, prompts, comps, text_bytes) if rows else []
+        for name in dict.fromkeys(names):
+            idx = [i for i, n in enumerate(names) if n == name]
+            for i in range(0, len(idx), 64):
+                sel = idx[i : i + 64]
+                mb = {
+                    "teacher_name": name,
+                    "rows": [rows[j] for j in sel],
+                    "prompts": [prompts[j] for j in sel],
+                    "comps": [comps[j] for j in sel],
+                }
+                s = self.scorer.score(mb["rows"], mb["prompts"], mb["comps"])
+                t = self.orch._score_mb(mb)
+                if s is None or not isinstance(t, TeacherTargets | MixtureTargets):
+                    continue  # sparse and cross-tokeniser targets have no full-vocabulary KL
+                teacher = (
+                    {"teacher_hidden_TH": t.hidden_NH, "teacher_weight_VH": t.weight_VH}
+                    if isinstance(t, TeacherTargets)
+                    else {"teacher_logits_TV": mixture_logprobs(
+                        [teacher_logprobs(p, g.tp_group if g.tp_size > 1 else None, self.student.real_vocab_size) for p in t.parts],
+                        t.weights_MN,
+                    )}
+                )  # fmt: skip
                 out = fused_linear_divergence(
                     s.hidden_NH,
                     s.weight_VH,
-                    teacher_hidden_TH=t.hidden_NH,
-                    teacher_weight_VH=t.weight_VH,
+                    **teacher,
                     normaliser=1.0,
                     divergence="reverse_kl",
                     tp_group=g.tp_group if g.tp_size > 1 else None,
@@ -443,7 +553,7 @@ class OPDTrainer:
                 total += float(out.loss)
                 count += s.hidden_NH.shape[0]
         value = (
-            torch.tensor([total / max(count, 1)], dtype=torch.float64, device=g.device)
+            torch.tensor([total / count if count else float("nan")], dtype=torch.float64, device=g.device)
             if g.is_last_stage
             else None
         )
@@ -515,6 +625,18 @@ class OPDTrainer:
         self.skipped.update(state.get("skipped", {}))
         return read_meta(ckpt)["step"]
 
+    def _describe_teachers(self) -> str:
+        parts = []
+        for name, t in self.teachers.items():
+            model = getattr(t, "model", None)
+            kind = (
+                "remote" if is_remote(t) else f"{num_parameters(model):,} params" if model is not None else ""
+            )
+            if isinstance(t, CrossTokenizerTeacher):
+                kind += ", own tokenizer"
+            parts.append(f"{name!r} ({kind})")
+        return ", ".join(parts)
+
     # ------------------------------------------------------------------ the run
     def run(self) -> OPDResult:
         t_start = time.monotonic()
@@ -525,8 +647,8 @@ class OPDTrainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, out_dir / "config.yaml")
             print(
-                f"OPD {self.cfg.name}: student {num_parameters(self.student):,} parameters on this rank, teacher "
-                f"{self.teacher.name!r} ({num_parameters(self.teacher.model):,}), objective {self.lc.objective}"
+                f"OPD {self.cfg.name}: student {num_parameters(self.student):,} parameters on this rank, "
+                f"teacher(s) {self._describe_teachers()}, routing {self.orch.routing}, objective {self.lc.objective}"
                 f"{'/' + self.lc.divergence if self.lc.objective == 'divergence' else ''}, "
                 f"{'resuming at step ' + str(start) if start else 'fresh start'}",
                 flush=True,

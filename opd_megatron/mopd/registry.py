@@ -1,0 +1,141 @@
+"""The teachers of a run, built from config and checked before the first step.
+
+Every misconfiguration found here names the teacher (``teachers[i]`` path and name): two teachers
+claiming one domain under exclusive specialty routing, a default teacher that does not exist, a remote
+teacher that does not answer ``/health`` at start-up, a vocabulary (or a saved tokenizer) that differs
+from the student's without a ``tokenizer`` for cross-tokeniser scoring, a teacher kind the routing cannot
+use (mixing needs the student's vocabulary, dense, on every teacher).
+"""
+
+from __future__ import annotations
+
+import os
+
+from opd_megatron.config import ConfigError, RunConfig, TeacherConfig
+from opd_megatron.distributed import ParallelGroups
+from opd_megatron.models.checkpoint import read_meta, resolve_checkpoint
+from opd_megatron.mopd.routing import SpecialtyRouter
+from opd_megatron.teachers.base import Teacher, TeacherError
+from opd_megatron.teachers.colocated import build_colocated_teacher
+from opd_megatron.teachers.cross import CrossTokenizerTeacher
+from opd_megatron.teachers.remote import RemoteTeacher, RemoteTeacherClient
+from opd_megatron.tokenization import load_tokenizer
+from opd_megatron.tokenization.base import Tokenizer
+from opd_megatron.tokenization.chat_templates import get_template
+
+
+def default_teacher(cfg: RunConfig) -> str:
+    return cfg.mopd.default_teacher or cfg.teachers[0].name
+
+
+def validate_mopd_config(cfg: RunConfig) -> None:
+    """Static checks of the teacher set against the routing (no files or network touched)."""
+    if not cfg.teachers:
+        raise ConfigError("teachers", "on-policy distillation needs at least one teacher")
+    m = cfg.mopd
+    names = [t.name for t in cfg.teachers]
+    if m.default_teacher is not None and m.default_teacher not in names:
+        raise ConfigError(
+            "mopd.default_teacher", f"no teacher named {m.default_teacher!r}; teachers: {names}"
+        )
+    for i, t in enumerate(cfg.teachers):
+        where = f"teachers[{i}]"
+        if t.placement == "self" and len(cfg.teachers) > 1:
+            raise ConfigError(
+                f"{where}.placement", f"teacher {t.name!r}: self-distillation takes a single teacher"
+            )
+        if m.routing == "mixture" and len(cfg.teachers) > 1 and (t.placement != "colocated" or t.tokenizer):
+            raise ConfigError(
+                f"{where}.placement",
+                f"teacher {t.name!r}: mixture routing mixes full distributions over the student's vocabulary; "
+                "every teacher must be co-located with the student's tokenizer (route remote or "
+                "cross-tokeniser teachers with specialty, confidence or pass_rate routing)",
+            )
+        if t.tokenizer is not None and t.tensor_model_parallel_size not in (None, cfg.parallel.tp):
+            raise ConfigError(
+                f"{where}.tensor_model_parallel_size",
+                f"teacher {t.name!r}: a cross-tokeniser teacher runs at the student's TP size",
+            )
+        if t.token_env and t.placement == "remote" and t.token_env not in os.environ:
+            raise ConfigError(
+                f"{where}.token_env", f"teacher {t.name!r}: environment variable {t.token_env} is not set"
+            )
+    if m.routing == "specialty":
+        SpecialtyRouter({t.name: t.domains for t in cfg.teachers}, default_teacher(cfg), m.exclusive)
+
+
+def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
+    ids = list(range(a.vocab_size))
+    return a.vocab_size == b.vocab_size and a.token_bytes(ids) == b.token_bytes(ids)
+
+
+def build_teacher(
+    i: int, tcfg: TeacherConfig, cfg: RunConfig, groups: ParallelGroups, student_tok: Tokenizer, prompt_fn
+) -> Teacher:
+    """One teacher of ``cfg.teachers[i]`` (``placement`` colocated or remote), wrapped for cross-tokeniser
+    scoring when it has its own ``tokenizer``. ``prompt_fn(tokenizer, text)`` renders a prompt."""
+    where = f"teachers[{i}]"
+    teacher_tok = load_tokenizer(tcfg.tokenizer) if tcfg.tokenizer is not None else None
+    vocab = teacher_tok.vocab_size if teacher_tok is not None else student_tok.vocab_size
+    if tcfg.placement == "remote":
+        token = os.environ.get(tcfg.token_env) if tcfg.token_env else None
+        client = RemoteTeacherClient(
+            tcfg.url, tcfg.name, token, timeout_s=tcfg.timeout_s, retries=tcfg.retries
+        )
+        # Only the rank that talks to the service checks it (see RemoteTeacher).
+        if groups.is_last_stage and groups.tp_rank == 0 and not client.health():
+            raise ConfigError(
+                f"{where}.url", f"teacher {tcfg.name!r}: no answer from {tcfg.url}/health at start-up"
+            )
+        inner: Teacher = RemoteTeacher(client, cfg.loss.topk, groups)
+    else:
+        ckpt = resolve_checkpoint(tcfg.checkpoint)
+        ckpt_vocab = read_meta(ckpt).get("real_vocab_size")
+        if teacher_tok is None:
+            if ckpt_vocab not in (None, vocab):
+                raise ConfigError(
+                    f"{where}.tokenizer",
+                    f"teacher {tcfg.name!r}: its checkpoint has a vocabulary of {ckpt_vocab} tokens, the student "
+                    f"{vocab}; give the teacher's tokenizer to score it cross-tokeniser",
+                )
+            try:
+                saved = load_tokenizer(ckpt)
+            except Exception:  # a checkpoint without a saved tokenizer: the size check above is all we have
+                saved = None
+            if saved is not None and not _same_vocabulary(saved, student_tok):
+                raise ConfigError(
+                    f"{where}.tokenizer",
+                    f"teacher {tcfg.name!r}: the tokenizer saved with its checkpoint spells its tokens differently "
+                    "from the student's; give the teacher's tokenizer to score it cross-tokeniser",
+                )
+        elif ckpt_vocab not in (None, vocab):
+            raise ConfigError(
+                f"{where}.tokenizer",
+                f"teacher {tcfg.name!r}: its tokenizer has {vocab} tokens but its checkpoint {ckpt_vocab}",
+            )
+        pad = teacher_tok.pad_id if teacher_tok is not None else student_tok.pad_id
+        try:
+            inner = build_colocated_teacher(tcfg, groups, vocab, pad)
+        except TeacherError as e:
+            raise ConfigError(where, str(e)) from e
+    if teacher_tok is None:
+        return inner
+    return CrossTokenizerTeacher(
+        inner,
+        student_tok,
+        get_template(cfg.tokenizer.chat_template),
+        teacher_tok,
+        get_template(tcfg.tokenizer.chat_template),
+        teacher_prompt=lambda row: prompt_fn(teacher_tok, row.prompt),
+    )
+
+
+def build_teachers(
+    cfg: RunConfig, groups: ParallelGroups, student_tok: Tokenizer, prompt_fn
+) -> dict[str, Teacher]:
+    """All teachers of the run by name, in config order (self-distillation teachers are built by the
+    trainer, which owns the student they copy)."""
+    validate_mopd_config(cfg)
+    return {
+        t.name: build_teacher(i, t, cfg, groups, student_tok, prompt_fn) for i, t in enumerate(cfg.teachers)
+    }

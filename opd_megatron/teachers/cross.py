@@ -1,0 +1,104 @@
+"""A teacher of another tokenizer behind the ordinary Teacher interface (cross-tokeniser OPD).
+
+The student's rollout is re-emitted for the teacher (its completion text re-tokenised by the teacher's
+tokenizer, its prompt rendered the teacher's way), the wrapped teacher scores that on its own
+tokenisation, and the boundary-agreement plan says, for every student completion token, which teacher
+row it is compared with and whether the two share a next-token event (KL) or only a context (ULD).
+Any teacher works inside: a co-located Megatron model of the teacher's vocabulary (dense targets) or a
+scoring service (top-k targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_megatron.data.jsonl import PromptRow
+from opd_megatron.teachers.base import Teacher, TeacherTargets, TopKTargets
+from opd_megatron.tokenization.alignment import Alignment, alignment_stats
+from opd_megatron.tokenization.base import Tokenizer
+from opd_megatron.tokenization.chat_templates import ChatTemplate
+from opd_megatron.tokenization.cross import plan_cross_tokenizer
+
+
+@dataclass
+class CrossTokenizerTargets:
+    """Targets of a cross-tokeniser teacher for one micro-batch (last pipeline stage)."""
+
+    inner: TeacherTargets | TopKTargets
+    """The wrapped teacher's targets, one row per *teacher* completion token (row-major)."""
+    aligned_N: torch.Tensor
+    """Bool per student completion token (row-major): both tokenisations end a token here and agree on
+    the context, so the KL applies."""
+    teacher_index_N: torch.Tensor
+    """Long per student completion token: the row of ``inner`` it is compared with, -1 for none."""
+    teacher_completion_ids: list[list[int]]
+    alignments: list[Alignment]
+
+    def finite(self) -> bool:
+        return self.inner.finite()
+
+    def stats(self) -> dict[str, float]:
+        return alignment_stats(self.alignments)
+
+
+class CrossTokenizerTeacher(Teacher):
+    """Wraps ``inner`` (a teacher over ``teacher_tok``'s vocabulary) for a student using ``student_tok``.
+
+    ``teacher_prompt(row)`` gives the teacher's prompt ids for a row; with it the prompt text comes from
+    the data row itself (prompts that are not chat-formatted). Without it the student's prompt ids are
+    stripped of ``student_tpl`` and re-rendered under ``teacher_tpl``."""
+
+    def __init__(
+        self,
+        inner: Teacher,
+        student_tok: Tokenizer,
+        student_tpl: ChatTemplate,
+        teacher_tok: Tokenizer,
+        teacher_tpl: ChatTemplate,
+        teacher_prompt=None,
+    ):
+        self.name, self.inner = inner.name, inner
+        self.student_tok, self.student_tpl = student_tok, student_tpl
+        self.teacher_tok, self.teacher_tpl = teacher_tok, teacher_tpl
+        self.teacher_prompt = teacher_prompt
+        self.calls = 0
+        self.tokens_scored = 0
+        self.last_alignments: list[Alignment] = []
+        """Alignments of the last-scored rollouts (every rank computes them: the loggers read them)."""
+
+    @property
+    def model(self):
+        return getattr(self.inner, "model", None)
+
+    @property
+    def dense(self) -> bool:
+        return getattr(self.inner, "dense", True)
+
+    def score(
+        self, rows: list[PromptRow], prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> CrossTokenizerTargets | None:
+        plan = plan_cross_tokenizer(
+            prompt_ids,
+            completion_ids,
+            self.student_tok,
+            self.student_tpl,
+            self.teacher_tok,
+            self.teacher_tpl,
+            teacher_prompt_ids=[self.teacher_prompt(r) for r in rows] if self.teacher_prompt else None,
+        )
+        self.last_alignments = plan.alignments
+        inner = self.inner.score(rows, plan.teacher_prompt_ids, plan.teacher_completion_ids)
+        self.calls += 1
+        self.tokens_scored += sum(len(c) for c in completion_ids)
+        if inner is None:
+            return None
+        device = inner.hidden_NH.device if isinstance(inner, TeacherTargets) else inner.topk_ids_NK.device
+        return CrossTokenizerTargets(
+            inner,
+            plan.aligned_N.to(device),
+            plan.teacher_index_N.to(device),
+            plan.teacher_completion_ids,
+            plan.alignments,
+        )
