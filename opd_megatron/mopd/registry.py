@@ -98,10 +98,8 @@ def build_teacher(
                     f"teacher {tcfg.name!r}: its checkpoint has a vocabulary of {ckpt_vocab} tokens, the student "
                     f"{vocab}; give the teacher's tokenizer to score it cross-tokeniser",
                 )
-            try:
-                saved = load_tokenizer(ckpt)
-            except Exception:  # a checkpoint without a saved tokenizer: the size check above is all we have
-                saved = None
+            # A checkpoint without a saved tokenizer: the size check above is all there is.
+            saved = load_tokenizer(ckpt) if (ckpt / "tokenizer").is_dir() else None
             if saved is not None and not _same_vocabulary(saved, student_tok):
                 raise ConfigError(
                     f"{where}.tokenizer",

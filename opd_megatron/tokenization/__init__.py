@@ -73,6 +73,12 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike) -> Tokenizer:
         return cls.from_file(path)
 
     path = Path(source)
+    if (
+        path.is_dir()
+        and not (path / TOKENIZER_FILE).is_file()
+        and (path / "tokenizer" / TOKENIZER_FILE).is_file()
+    ):
+        path = path / "tokenizer"  # a checkpoint directory: its tokenizer is saved beside the weights
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():

@@ -204,6 +204,7 @@ class OPDTrainer:
         self.max_eval_tokens = cfg.rollout.max_new_tokens
         self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "teacher_failures": 0}
         self.consecutive_failures = 0
+        self.heldout_kl_by_domain: dict[str, float] = {}
 
     # ------------------------------------------------------------------ construction
     def _build_teachers(self, vocab: int) -> dict[str, Teacher]:
@@ -516,7 +517,8 @@ class OPDTrainer:
             [prompts[i] for i in keep],
             [ro.completion_ids[i] for i in keep],
         )
-        total, count = 0.0, 0
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         text_bytes = [len(b"".join(self.tokenizer.token_bytes(c))) for c in comps]
         names = self.orch.assign(rows, prompts, comps, text_bytes) if rows else []
         for name in dict.fromkeys(names):
@@ -550,14 +552,20 @@ class OPDTrainer:
                     tp_group=g.tp_group if g.tp_size > 1 else None,
                     vocab_size=self.student.real_vocab_size,
                 )
-                total += float(out.loss)
-                count += s.hidden_NH.shape[0]
-        value = (
-            torch.tensor([total / count if count else float("nan")], dtype=torch.float64, device=g.device)
-            if g.is_last_stage
-            else None
-        )
-        return float(broadcast_from_last_stage(value, (1,), torch.float64, g).item())
+                per_row = out.per_token.detach().double().split([len(c) for c in mb["comps"]])
+                for row, kl_row in zip(mb["rows"], per_row):
+                    sums[row.domain] = sums.get(row.domain, 0.0) + float(kl_row.sum())
+                    counts[row.domain] = counts.get(row.domain, 0) + kl_row.numel()
+        domains = list(self.eval_rows)
+        value = None
+        if g.is_last_stage:
+            total, count = sum(sums.values()), sum(counts.values())
+            means = [total / count if count else float("nan")]
+            means += [sums[d] / counts[d] if counts.get(d) else float("nan") for d in domains]
+            value = torch.tensor(means, dtype=torch.float64, device=g.device)
+        value = broadcast_from_last_stage(value, (1 + len(domains),), torch.float64, g).tolist()
+        self.heldout_kl_by_domain = dict(zip(domains, value[1:]))
+        return value[0]
 
     def pass_at_k(self, k: int, limit: int) -> dict[str, float]:
         """Share of held-out prompts per domain for which at least one of ``k`` samples (at the rollout
@@ -583,6 +591,7 @@ class OPDTrainer:
 
     def _eval_record(self, em, kl, pk) -> dict:
         rec = {"heldout_reverse_kl": kl, **{f"exact_match/{d}": v for d, v in em.items()}}
+        rec.update({f"heldout_reverse_kl/{d}": v for d, v in self.heldout_kl_by_domain.items()})
         rec.update({f"pass@{self.tc.eval_pass_k}/{d}": v for d, v in pk.items()})
         return rec
 

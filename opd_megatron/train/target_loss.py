@@ -3,7 +3,8 @@
 Every function gets the student's pre-lm-head hidden states of the loss positions ``[N, H]`` (row-major,
 the order of the teacher's targets), its output-layer shard, the per-token weights ``[N]`` and returns
 ``(loss_sum, per_token_sum, top1_agree_sum)``: the loss summed over tokens (the step divides by the
-global token count) and two detached metric sums.
+global token count) and two detached metric sums over the tokens of non-zero weight (unweighted, so the
+logged KL means the same for every kind of target).
 
 - dense targets (co-located teacher, same tokenizer): the fused vocab-parallel divergence; the full
   ``[N, V]`` logits never exist.
@@ -116,8 +117,10 @@ def topk_loss(hidden_NH, weight_VH, tgt: TopKTargets, weights_N, lc: LossConfig,
         tp_group=group,
         vocab_size=vocab,
     )
-    agree = _argmax(logits_NV.detach(), group, vocab) == tgt.topk_ids_NK[:, 0]
-    return out.loss, out.per_token.sum(), agree.float().sum()
+    live_N = weights_N > 0  # metrics count tokens, unweighted, like the fused path
+    per_token_N = torch.where(live_N, out.per_token / torch.where(live_N, weights_N, 1.0), 0.0)
+    agree = (_argmax(logits_NV.detach(), group, vocab) == tgt.topk_ids_NK[:, 0]) & live_N
+    return out.loss, per_token_N.sum(), agree.float().sum()
 
 
 def _argmax(logits_NV, group, vocab) -> torch.Tensor:
@@ -193,6 +196,7 @@ def cross_loss(
     if s_ids is not None:  # top-1 agreement at aligned positions, through the shared vocabulary
         t2s = torch.full((teacher_vocab,), -1, dtype=torch.long, device=s_ids.device)
         t2s[t_ids] = s_ids
-        al = tgt.aligned_N & has_N
+        al = tgt.aligned_N & has_N & (weights_N > 0)
         agree = (t2s[teacher_UW[tgt.teacher_index_N[al]].argmax(-1)] == student_NV[al].argmax(-1)).sum()
-    return loss, (per_token_N.detach() * w_N).sum(), agree.float()
+    # metrics count tokens, unweighted, like the fused path
+    return loss, (per_token_N.detach() * (w_N > 0)).sum(), agree.float()
