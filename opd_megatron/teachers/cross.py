@@ -65,8 +65,13 @@ class CrossTokenizerTeacher(Teacher):
         self.teacher_prompt = teacher_prompt
         self.calls = 0
         self.tokens_scored = 0
-        self.last_alignments: list[Alignment] = []
-        """Alignments of the last-scored rollouts (every rank computes them: the loggers read them)."""
+        self.alignments: list[Alignment] = []
+        """Alignments of the rollouts scored since :meth:`pop_alignments` (every rank computes them, so
+        whichever rank logs can read them)."""
+
+    def pop_alignments(self) -> list[Alignment]:
+        out, self.alignments = self.alignments, []
+        return out
 
     @property
     def model(self):
@@ -88,7 +93,7 @@ class CrossTokenizerTeacher(Teacher):
             self.teacher_tpl,
             teacher_prompt_ids=[self.teacher_prompt(r) for r in rows] if self.teacher_prompt else None,
         )
-        self.last_alignments = plan.alignments
+        self.alignments += plan.alignments
         inner = self.inner.score(rows, plan.teacher_prompt_ids, plan.teacher_completion_ids)
         self.calls += 1
         self.tokens_scored += sum(len(c) for c in completion_ids)

@@ -414,9 +414,14 @@ class OPDTrainer:
         if not rows:  # every completion was empty: nothing to learn from, no step
             return {"skipped": True, "reason": "all rollouts empty", "lambda": lam}
         t1 = time.monotonic()
+        cross_teachers = [t for t in self.teachers.values() if isinstance(t, CrossTokenizerTeacher)]
+        for t in cross_teachers:
+            t.pop_alignments()  # drop what evaluation scored
         text_bytes = [len(b"".join(self.tokenizer.token_bytes(c))) for c in comps]
         try:
             names = self.orch.assign(rows, prompts, comps, text_bytes)
+            for t in cross_teachers:
+                t.pop_alignments()  # confidence routing scored every rollout; keep the routed ones
             mbs = self._microbatches(rows, prompts, comps, behaviour, weights, names)
             self.orch.score(mbs)
         except StepAborted as e:
@@ -427,12 +432,7 @@ class OPDTrainer:
                 mb["reference"] = self.reference.score(mb["rows"], mb["prompts"], mb["comps"])
         every = self.cfg.mopd.disagreement_every
         js = self.orch.disagreement(mbs) if every and step % every == 0 else None
-        cross = [
-            a
-            for t in self.teachers.values()
-            if isinstance(t, CrossTokenizerTeacher)
-            for a in t.last_alignments
-        ]
+        cross = [a for t in cross_teachers for a in t.pop_alignments()]
         t_score = time.monotonic() - t1
         local_tokens = torch.tensor([float(sum(len(c) for c in comps))], device=g.device)
         if g.dp_size > 1:

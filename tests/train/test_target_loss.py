@@ -87,12 +87,12 @@ def test_mixture_loss_zero_weight_teacher_is_ignored():
     )
 
 
-def cross_targets(teacher: TeacherTargets, index_N: torch.Tensor, aligned_N: torch.Tensor):
+def cross_targets(teacher: TeacherTargets | TopKTargets, index_N: torch.Tensor, aligned_N: torch.Tensor):
     return CrossTokenizerTargets(
         inner=teacher,
         aligned_N=aligned_N,
         teacher_index_N=index_N,
-        teacher_completion_ids=[list(range(teacher.hidden_NH.shape[0]))],
+        teacher_completion_ids=[list(range(index_N.numel()))],
         alignments=[],
     )
 
@@ -191,3 +191,26 @@ def test_topk_loss_full_k_renorm_equals_dense_forward_kl():
         assert_close(loss.double(), ref[0].double(), atol=1e-5, rtol=0)
         assert_close(per_tok.double(), ref[1].double(), atol=1e-5, rtol=0)
         assert_close(agree.double(), ref[2].double())
+
+
+def test_cross_loss_with_a_remote_teachers_topk_targets():
+    """A cross-tokeniser teacher behind a scoring service hands top-k targets: with k = V they carry the
+    whole distribution and the loss equals the dense inner teacher's; with k < V the teacher's tail is
+    dropped (renormalised top-k), which changes the value."""
+    hidden, weight, teacher = setup(11)
+    ids = torch.arange(V)
+    logp = torch.log_softmax(teacher.logits_NV(), dim=-1)
+    lp_sorted, id_sorted = logp.sort(dim=-1, descending=True)
+    lc = LossConfig(divergence="forward_kl")
+    aligned = torch.tensor([True, False, True, True, False, True])
+    index = torch.arange(N)
+    dense = cross_loss(
+        hidden, weight, cross_targets(teacher, index, aligned), torch.ones(N), lc, None, V, V, (ids, ids)
+    )
+    for k, equal in ((V, True), (3, False)):
+        topk = TopKTargets(id_sorted[:, :k], lp_sorted[:, :k], logp[:, 0])
+        sparse = cross_loss(
+            hidden, weight, cross_targets(topk, index, aligned), torch.ones(N), lc, None, V, V, (ids, ids)
+        )
+        got, want = float(sparse[0].detach()), float(dense[0].detach())
+        assert torch.isfinite(sparse[0]) and (abs(got - want) < 1e-5) == equal, (k, got, want)
