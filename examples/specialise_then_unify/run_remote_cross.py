@@ -126,12 +126,11 @@ def main() -> int:
         ],
     )  # fmt: skip
     train = [r for r in read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl", "train") if "loss" in r]
-    mean = lambda key: (
-        sum(r[key] for r in train if key in r and r[key] == r[key])
-        / max(  # noqa: E731
-            sum(1 for r in train if key in r and r[key] == r[key]), 1
-        )
-    )
+
+    def mean(key: str) -> float:  # over the steps that logged ``key`` (NaN where a class had no tokens)
+        values = [r[key] for r in train if key in r and r[key] == r[key]]
+        return sum(values) / max(len(values), 1)
+
     classes = ["rate", *sorted(k.split("/", 1)[1] for k in train[0] if k.startswith("align/rate_"))]
     print("alignment (student tokens of the BPE expert's rollouts receiving the KL), mean over steps: "
           + ", ".join(f"{c}: {mean('align/' + c):.3f}" for c in classes))  # fmt: skip
