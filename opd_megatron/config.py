@@ -263,6 +263,12 @@ class LossConfig:
     """k of the sparse top-k targets remote teachers return (their loss uses the top-k path)."""
     topk_tail: Literal["renorm", "rest"] = "renorm"
     """Tail mass of the top-k path: renormalise over the k tokens, or keep a "rest" bucket."""
+    cross_kl: Literal["projected", "shared"] = "projected"
+    """Cross-tokeniser teachers, at positions where both sides condition on the same text (each alignment
+    group's first student token): ``projected``: ``divergence`` against the teacher's distribution moved
+    onto the student's vocabulary by first-token projection (a teacher token counts for the student token
+    its text starts with), ULD at the other positions; ``shared``: the hybrid generalised KL on the exact
+    vocabulary intersection plus ULD on the rest at 1:1-aligned positions, ULD elsewhere."""
     uld_metric: Literal["l1", "w1"] = "l1"
     """Cross-tokeniser teachers: distance of the ULD fallback on sorted probabilities."""
     cross_kl_weight: float = 1.0
@@ -312,6 +318,7 @@ class LossConfig:
         _check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
         _one_of(self.topk_tail, ("renorm", "rest"), "topk_tail")
         _one_of(self.uld_metric, ("l1", "w1"), "uld_metric")
+        _one_of(self.cross_kl, ("projected", "shared"), "cross_kl")
         for name in ("cross_kl_weight", "uld_weight"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
 

@@ -12,7 +12,7 @@ domains' text. Steps:
 Prints the student's exact match before/after per domain, the held-out alignment rate per content class
 (prose, digits, code, non-ASCII) and the per-step rates logged during training.
 
-    python examples/cross_tokenizer/run.py [--steps 300] [--root runs/cross_tokenizer]
+    python examples/cross_tokenizer/run.py [--domains sorting] [--steps 300] [--root runs/cross_tokenizer]
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-DOMAINS = ["addition", "reversal", "sorting"]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="runs/cross_tokenizer")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--domains", nargs="+", default=["sorting"], help="built-in domains (default: sorting)")
+    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=5e-4, help="OPD learning rate")
+    p.add_argument("--uld-weight", type=float, default=1.0, help="weight of the ULD fallback (0: KL only)")
+    p.add_argument("--cross-kl", choices=("projected", "shared"), default="projected")
+    p.add_argument("--divergence", default="reverse_kl")
     args = p.parse_args()
     root = Path(args.root)
 
@@ -43,12 +48,12 @@ def main() -> int:
     from opd_megatron.train.opd import OPDTrainer
     from opd_megatron.train.report import print_table
 
-    data = data_config(DOMAINS)
+    data = data_config(args.domains)
     rows, eval_rows = build_datasets(data)
     corpus = [r.prompt + (r.reference or "") for r in rows]
     toks = {}
     for name, train in (("bpe", lambda: train_tiktoken(corpus, vocab_size=320)),
-                        ("spm", lambda: train_sentencepiece(corpus, vocab_size=300))):  # fmt: skip
+                        ("spm", lambda: train_sentencepiece(corpus, vocab_size=400))):  # fmt: skip
         d = root / f"{name}_tokenizer"
         if not (d / "opd_tokenizer.json").is_file():
             train().save(d)
@@ -64,13 +69,15 @@ def main() -> int:
         name="bpe-teacher",
         model=expert_model(),
         tokenizer=toks["bpe"],
-        train=replace(base.train, steps=1500, log_every=300, output_dir=str(root / "teacher")),
+        data=data,
+        train=replace(base.train, steps=args.teacher_steps, log_every=200, output_dir=str(root / "teacher")),
     )
     student_cfg = replace(
         base,
         name="spm-student-warmup",
         model=student_model(),
         tokenizer=toks["spm"],
+        data=data,
         train=replace(base.train, output_dir=str(root / "student_warmup")),
     )
     teacher, warm = str(cached_sft(teacher_cfg)), str(cached_sft(student_cfg))
@@ -79,10 +86,13 @@ def main() -> int:
     cfg = mopd_config(str(root), teachers, warm, name="cross_opd")
     cfg = replace(
         cfg,
+        data=data,
         tokenizer=toks["spm"],
-        loss=LossConfig(divergence="reverse_kl", uld_metric="l1"),
+        loss=LossConfig(
+            divergence="reverse_kl", uld_metric="l1", uld_weight=args.uld_weight, cross_kl=args.cross_kl
+        ),
         rollout=RolloutConfig(max_new_tokens=8, temperature=1.0),
-        train=replace(cfg.train, steps=args.steps),
+        train=replace(cfg.train, steps=args.steps, lr=args.lr, min_lr=args.lr / 10),
     )
     trainer = OPDTrainer(cfg)
     result = trainer.run()

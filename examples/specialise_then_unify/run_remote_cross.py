@@ -72,9 +72,11 @@ def start_server(ckpt: str) -> tuple[subprocess.Popen, str]:
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found: list[str] = []
+    lines: list[str] = []
 
     def read():
         for line in proc.stdout:
+            lines.append(line)
             if line.startswith("serving teacher ") and not found:
                 found.append(line.split(" on ", 1)[1].strip())
 
@@ -84,7 +86,7 @@ def start_server(ckpt: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.05)
     if not found:
         proc.kill()
-        raise SystemExit("serve-teacher did not start")
+        raise SystemExit("serve-teacher did not start:\n" + "".join(lines[-20:]))
     return proc, found[0]
 
 
@@ -128,7 +130,7 @@ def main() -> int:
     train = [r for r in read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl", "train") if "loss" in r]
 
     def mean(key: str) -> float:  # over the steps that logged ``key`` (NaN where a class had no tokens)
-        values = [r[key] for r in train if key in r and r[key] == r[key]]
+        values = [r[key] for r in train if isinstance(r.get(key), float) and r[key] == r[key]]
         return sum(values) / max(len(values), 1)
 
     classes = ["rate", *sorted(k.split("/", 1)[1] for k in train[0] if k.startswith("align/rate_"))]

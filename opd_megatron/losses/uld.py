@@ -27,9 +27,21 @@ import torch.nn.functional as F
 
 from opd_megatron.tokenization.base import Tokenizer
 
-__all__ = ["ULD_METRICS", "cross_tokenizer_loss", "hybrid_uld", "shared_vocab", "sorted_distance", "uld"]
+__all__ = [
+    "PROJECTION_FLOOR",
+    "ULD_METRICS",
+    "cross_tokenizer_loss",
+    "hybrid_uld",
+    "projected_logprobs",
+    "shared_vocab",
+    "sorted_distance",
+    "uld",
+]
 
 ULD_METRICS = ("l1", "w1")
+PROJECTION_FLOOR = 1e-6
+"""Probability mixed uniformly into a projected teacher distribution, so student tokens no teacher token
+projects onto (byte-fallback pieces, say) get a large but finite reverse-KL penalty."""
 
 
 def _check(metric: str, temperature: float) -> None:
@@ -102,18 +114,22 @@ def hybrid_uld(
     return kl_weight * kl_T + uld_weight * sorted_distance(q_rest_TV, p_rest_TW, metric)
 
 
-def shared_vocab(student_tok: Tokenizer, teacher_tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_vocab(
+    student_tok: Tokenizer, teacher_tok: Tokenizer, special_pairs: tuple[tuple[int, int], ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Id pairs ``(student_ids_K, teacher_ids_K)`` of tokens spelling the same non-empty bytes in both
-    vocabularies (special tokens excluded; the first id wins where one side spells a string twice)."""
-    t_index: dict[bytes, int] = {}
-    for i, b in enumerate(teacher_tok.token_bytes(list(range(teacher_tok.vocab_size)))):
-        if b and i not in teacher_tok.special_ids:
-            t_index.setdefault(b, i)
-    pairs, seen = [], set()
-    for i, b in enumerate(student_tok.token_bytes(list(range(student_tok.vocab_size)))):
-        if b and i not in student_tok.special_ids and b in t_index and b not in seen:
-            seen.add(b)
-            pairs.append((i, t_index[b]))
+    vocabularies (special tokens excluded; where one side spells a string twice, the id its tokenizer
+    produces, see :func:`~opd_megatron.tokenization.cross.canonical_token_ids`), plus
+    ``special_pairs``: specials that mean the same event on both sides, above all the end of the
+    completion (student EOS / end-of-turn <-> the teacher's). Without that pair the KL at the last
+    position would push the student's mass *away* from every shared token, since the teacher's mass
+    sits on a token outside the intersection."""
+    from opd_megatron.tokenization.cross import canonical_token_ids
+
+    t_index = canonical_token_ids(teacher_tok)
+    pairs = [(i, t_index[b]) for b, i in canonical_token_ids(student_tok).items() if b in t_index]
+    taken_s, taken_t = {p[0] for p in pairs}, {p[1] for p in pairs}
+    pairs += [(a, b) for a, b in dict.fromkeys(special_pairs) if a not in taken_s and b not in taken_t]
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return ids[:, 0], ids[:, 1]
 
@@ -141,3 +157,28 @@ def cross_tokenizer_loss(
         temperature, kl_weight, uld_weight, metric,
     )  # fmt: skip
     return torch.where(aligned_T.bool(), hyb_T, uld_weight * full_T)
+
+
+def projected_logprobs(
+    teacher_logits_TW: torch.Tensor,
+    projection_W: torch.Tensor,
+    vocab: int,
+    temperature: float = 1.0,
+    return_mass: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""The teacher's next-token distribution moved onto the student's vocabulary, as log-probs ``[T, V]``:
+
+    .. math:: \tilde p(v) = (1 - \epsilon) \frac{\sum_{w: \pi(w) = v} p_T(w)}{\sum_{w: \pi(w) \ge 0} p_T(w)}
+              + \frac{\epsilon}{V}
+
+    with ``projection_W`` = :math:`\pi` (see
+    :func:`~opd_megatron.tokenization.cross.first_token_projection`; -1 drops a teacher token) and
+    :math:`\epsilon` = :data:`PROJECTION_FLOOR`. Detached: gradients reach only the student. With
+    ``return_mass`` also the teacher's mass on the tokens kept, ``[T]`` (the normaliser above)."""
+    p_TW = _probs(teacher_logits_TW.detach(), temperature)
+    keep_W = projection_W >= 0
+    out_TV = p_TW.new_zeros(p_TW.shape[0], vocab).index_add_(1, projection_W[keep_W], p_TW[:, keep_W])
+    mass_T = out_TV.sum(-1)
+    out_TV = out_TV / mass_T.unsqueeze(-1).clamp_min(1e-30)
+    lp_TV = torch.log((1 - PROJECTION_FLOOR) * out_TV + PROJECTION_FLOOR / vocab)
+    return (lp_TV, mass_T) if return_mass else lp_TV

@@ -20,7 +20,7 @@ from opd_megatron.teachers.colocated import build_colocated_teacher
 from opd_megatron.teachers.cross import CrossTokenizerTeacher
 from opd_megatron.teachers.remote import RemoteTeacher, RemoteTeacherClient
 from opd_megatron.tokenization import load_tokenizer
-from opd_megatron.tokenization.base import Tokenizer
+from opd_megatron.tokenization.base import Tokenizer, TokenizerError
 from opd_megatron.tokenization.chat_templates import get_template
 
 
@@ -75,7 +75,10 @@ def build_teacher(
     """One teacher of ``cfg.teachers[i]`` (``placement`` colocated or remote), wrapped for cross-tokeniser
     scoring when it has its own ``tokenizer``. ``prompt_fn(tokenizer, text)`` renders a prompt."""
     where = f"teachers[{i}]"
-    teacher_tok = load_tokenizer(tcfg.tokenizer) if tcfg.tokenizer is not None else None
+    try:
+        teacher_tok = load_tokenizer(tcfg.tokenizer) if tcfg.tokenizer is not None else None
+    except (OSError, TokenizerError) as e:
+        raise ConfigError(f"{where}.tokenizer", f"teacher {tcfg.name!r}: {e}") from e
     vocab = teacher_tok.vocab_size if teacher_tok is not None else student_tok.vocab_size
     if tcfg.placement == "remote":
         token = os.environ.get(tcfg.token_env) if tcfg.token_env else None

@@ -18,8 +18,8 @@ from opd_megatron.data.jsonl import PromptRow
 from opd_megatron.teachers.base import Teacher, TeacherTargets, TopKTargets
 from opd_megatron.tokenization.alignment import Alignment, alignment_stats
 from opd_megatron.tokenization.base import Tokenizer
-from opd_megatron.tokenization.chat_templates import ChatTemplate
-from opd_megatron.tokenization.cross import plan_cross_tokenizer
+from opd_megatron.tokenization.chat_templates import ChatTemplate, end_token_id
+from opd_megatron.tokenization.cross import PrefixProjector, plan_cross_tokenizer
 
 
 @dataclass
@@ -35,6 +35,12 @@ class CrossTokenizerTargets:
     """Long per student completion token: the row of ``inner`` it is compared with, -1 for none."""
     teacher_completion_ids: list[list[int]]
     alignments: list[Alignment]
+    context_N: torch.Tensor | None = None
+    """Bool per student completion token: it starts where its teacher token starts (same context on both
+    sides); None means the same as ``aligned_N``."""
+    prefix_N: list[bytes] | None = None
+    """Per student completion token: bytes of its teacher token emitted before it (``b""`` at context
+    positions); None means all empty."""
 
     def finite(self) -> bool:
         return self.inner.finite()
@@ -63,11 +69,22 @@ class CrossTokenizerTeacher(Teacher):
         self.student_tok, self.student_tpl = student_tok, student_tpl
         self.teacher_tok, self.teacher_tpl = teacher_tok, teacher_tpl
         self.teacher_prompt = teacher_prompt
+        self.projector = PrefixProjector(student_tok, teacher_tok, self.end_pairs())
+        """Teacher distribution -> the student's next token (see the projected cross-tokeniser loss)."""
         self.calls = 0
         self.tokens_scored = 0
         self.alignments: list[Alignment] = []
         """Alignments of the rollouts scored since :meth:`pop_alignments` (every rank computes them, so
         whichever rank logs can read them)."""
+
+    def end_pairs(self) -> tuple[tuple[int, int], ...]:
+        """(student id, teacher id) of the tokens that end a completion on each side: re-emission turns
+        the student's end-of-turn (or EOS) into the teacher's end-of-turn, so they are the same event."""
+        s_end, t_end = (
+            end_token_id(self.student_tok, self.student_tpl),
+            end_token_id(self.teacher_tok, self.teacher_tpl),
+        )
+        return ((s_end, t_end), (self.student_tok.eos_id, t_end))
 
     def pop_alignments(self) -> list[Alignment]:
         out, self.alignments = self.alignments, []
@@ -106,4 +123,6 @@ class CrossTokenizerTeacher(Teacher):
             plan.teacher_index_N.to(device),
             plan.teacher_completion_ids,
             plan.alignments,
+            plan.context_N.to(device),
+            plan.prefix_N,
         )

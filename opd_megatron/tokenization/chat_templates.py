@@ -34,6 +34,7 @@ __all__ = [
     "elements_from_ids",
     "encode_segments",
     "get_template",
+    "end_token_id",
     "reemit_completion",
     "reemit",
 ]
@@ -247,7 +248,8 @@ class Reemission:
     teacher_completion_ids: list[int]
 
 
-def _end_id(tok: Tokenizer, tpl: ChatTemplate) -> int:
+def end_token_id(tok: Tokenizer, tpl: ChatTemplate) -> int:
+    """The token that ends an assistant turn: the template's end token, else the tokenizer's EOS."""
     return tok.special_token_id(tpl.end_token) if tpl.end_token else tok.eos_id
 
 
@@ -289,8 +291,12 @@ def reemit_completion(
     specials = student_tok.special_ids
     n = next((k for k, i in enumerate(completion_ids) if int(i) in specials), len(completion_ids))
     ended = n < len(completion_ids) and int(completion_ids[n]) in (
-        _end_id(student_tok, student_tpl),
+        end_token_id(student_tok, student_tpl),
         student_tok.eos_id,
     )
     text = b"".join(student_tok.token_bytes(completion_ids[:n])).decode("utf-8", errors="replace")
-    return text, ended, teacher_tok.encode(text) + ([_end_id(teacher_tok, teacher_tpl)] if ended else [])
+    try:
+        ids = teacher_tok.encode(text)
+    except TokenizerError:  # a closed vocabulary (characters) meets text it lacks: those become <unk>
+        ids = teacher_tok.encode(text, errors="replace")
+    return text, ended, ids + ([end_token_id(teacher_tok, teacher_tpl)] if ended else [])

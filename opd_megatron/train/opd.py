@@ -180,11 +180,11 @@ class OPDTrainer:
         self.orch = MOPDOrchestrator(
             self.teachers, cfg, self.groups, vocab, cfg.train.micro_batch_size, pass_rates
         )
+        cross = {n: t for n, t in self.teachers.items() if isinstance(t, CrossTokenizerTeacher)}
         self.shared_vocab = {
-            name: shared_vocab(self.tokenizer, t.teacher_tok)
-            for name, t in self.teachers.items()
-            if isinstance(t, CrossTokenizerTeacher)
+            n: shared_vocab(self.tokenizer, t.teacher_tok, t.end_pairs()) for n, t in cross.items()
         }
+
         self.reference = None
         if self.lc.objective == "gopd":  # G-OPD's reference: the student as it starts
             ref = build_gpt_model(cfg.model, self.groups, vocab, frozen=True)
@@ -332,7 +332,7 @@ class OPDTrainer:
             name = mb["teacher_name"]
             parts = cross_loss(
                 hidden_NH, weight_VH, tgt, weights_N, lc, group, vocab,
-                self.teachers[name].teacher_tok.vocab_size, self.shared_vocab[name],
+                self.teachers[name].teacher_tok.vocab_size, self.shared_vocab[name], self.teachers[name].projector,
             )  # fmt: skip
         elif isinstance(tgt, TopKTargets):
             parts = topk_loss(hidden_NH, weight_VH, tgt, weights_N, lc, group, vocab)

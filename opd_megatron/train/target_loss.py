@@ -25,12 +25,17 @@ import torch.distributed as dist
 
 from opd_megatron.config import LossConfig
 from opd_megatron.losses import fused_linear_divergence, topk_distillation_loss
+from opd_megatron.losses.divergences import divergence
 from opd_megatron.losses.tp import global_logsumexp, vocab_range
-from opd_megatron.losses.uld import cross_tokenizer_loss
+from opd_megatron.losses.uld import cross_tokenizer_loss, projected_logprobs, uld
 from opd_megatron.teachers.base import TeacherTargets, TopKTargets
 from opd_megatron.teachers.cross import CrossTokenizerTargets
 
 LossParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+MIN_PREFIX_MASS = 1e-3
+"""Below this teacher mass on tokens consistent with the bytes already emitted, the projected target is
+noise (the teacher did not expect the student's split) and the position falls back to ULD."""
 
 
 def dense_loss(hidden_NH, weight_VH, tgt: TeacherTargets, weights_N, lc: LossConfig, group, vocab, clip=None):
@@ -168,9 +173,15 @@ def cross_loss(
     vocab: int,
     teacher_vocab: int,
     shared_ids: tuple[torch.Tensor, torch.Tensor] | None,
+    projector=None,
 ) -> LossParts:
-    """KL on the shared vocabulary where the tokenisations agree, ULD elsewhere; student tokens without a
-    teacher partner (index -1) get no loss."""
+    """Cross-tokeniser loss per ``lc.cross_kl``: ``projected`` (with ``projector``, a
+    :class:`~opd_megatron.tokenization.cross.PrefixProjector` or any ``prefix -> [W]`` map):
+    ``lc.divergence`` against the teacher's distribution projected onto the student's next token, given
+    the bytes of the teacher token already emitted; ULD where the teacher puts less than
+    :data:`MIN_PREFIX_MASS` on tokens consistent with those bytes;
+    ``shared``: generalised KL on the shared vocabulary where the tokenisations agree 1:1, ULD elsewhere.
+    Student tokens without a teacher partner (index -1) get no loss."""
     student_NV = gather_vocab(hidden_NH.float() @ weight_VH.float().t(), group, vocab)
     teacher_UW = dense_teacher_logits(tgt.inner, group, teacher_vocab)
     has_N = tgt.teacher_index_N >= 0
@@ -178,25 +189,41 @@ def cross_loss(
         zero = student_NV.sum() * 0.0
         return zero, zero.detach(), zero.detach()
     teacher_NW = teacher_UW[tgt.teacher_index_N.clamp_min(0)]
-    s_ids, t_ids = shared_ids if shared_ids is not None else (None, None)
-    per_token_N = cross_tokenizer_loss(
-        student_NV[has_N],
-        teacher_NW[has_N],
-        tgt.aligned_N[has_N],
-        s_ids,
-        t_ids,
-        temperature=lc.temperature,
-        kl_weight=lc.cross_kl_weight,
-        uld_weight=lc.uld_weight,
-        metric=lc.uld_metric,
-    )
-    w_N = weights_N[has_N].to(per_token_N.dtype)
+    s_NV, t_NW, w_N = student_NV[has_N], teacher_NW[has_N], weights_N[has_N]
+    agree = torch.zeros((), device=student_NV.device)
+    if lc.cross_kl == "projected" and projector is not None:
+        keep = has_N.nonzero().squeeze(1).tolist()
+        prefixes = [tgt.prefix_N[i] for i in keep] if tgt.prefix_N is not None else [b""] * len(keep)
+        t_lp_NV = torch.empty(len(keep), vocab, dtype=torch.float32, device=s_NV.device)
+        mass_N = torch.empty(len(keep), dtype=torch.float32, device=s_NV.device)
+        by_prefix: dict[bytes, list[int]] = {}
+        for i, c in enumerate(prefixes):
+            by_prefix.setdefault(c, []).append(i)
+        for c, rows in by_prefix.items():
+            rows_t = torch.tensor(rows, device=s_NV.device)
+            lp, mass = projected_logprobs(
+                t_NW[rows_t], projector(c).to(t_NW.device), vocab, lc.temperature, True
+            )
+            t_lp_NV[rows_t], mass_N[rows_t] = lp.float(), mass.float()
+        ctx_N = mass_N >= MIN_PREFIX_MASS
+        s_lp_NV = torch.log_softmax(s_NV / lc.temperature, dim=-1)
+        kl_N = divergence(t_lp_NV, s_lp_NV, lc.divergence, jsd_beta=lc.jsd_beta, skew_alpha=lc.skew_alpha)
+        uld_N = uld(s_NV, t_NW, lc.temperature, lc.uld_metric)
+        per_token_N = torch.where(ctx_N, lc.cross_kl_weight * kl_N, lc.uld_weight * uld_N)
+        live = ctx_N & (w_N > 0)
+        agree = (t_lp_NV[live].argmax(-1) == s_NV[live].argmax(-1)).sum()
+    else:
+        s_ids, t_ids = shared_ids if shared_ids is not None else (None, None)
+        per_token_N = cross_tokenizer_loss(
+            s_NV, t_NW, tgt.aligned_N[has_N], s_ids, t_ids, temperature=lc.temperature,
+            kl_weight=lc.cross_kl_weight, uld_weight=lc.uld_weight, metric=lc.uld_metric,
+        )  # fmt: skip
+        if s_ids is not None:  # top-1 agreement at aligned positions, through the shared vocabulary
+            t2s = torch.full((teacher_vocab,), -1, dtype=torch.long, device=s_ids.device)
+            t2s[t_ids] = s_ids
+            al = tgt.aligned_N[has_N] & (w_N > 0)
+            agree = (t2s[t_NW[al].argmax(-1)] == s_NV[al].argmax(-1)).sum()
+    w_N = w_N.to(per_token_N.dtype)
     loss = (per_token_N * w_N).sum()
-    agree = torch.zeros((), device=loss.device)
-    if s_ids is not None:  # top-1 agreement at aligned positions, through the shared vocabulary
-        t2s = torch.full((teacher_vocab,), -1, dtype=torch.long, device=s_ids.device)
-        t2s[t_ids] = s_ids
-        al = tgt.aligned_N & has_N & (weights_N > 0)
-        agree = (t2s[teacher_UW[tgt.teacher_index_N[al]].argmax(-1)] == student_NV[al].argmax(-1)).sum()
     # metrics count tokens, unweighted, like the fused path
     return loss, (per_token_N.detach() * (w_N > 0)).sum(), agree.float()

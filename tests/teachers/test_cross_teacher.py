@@ -50,14 +50,43 @@ def _same_tokenizer(rank):
     b = cross_loss(h2, student_w, via, torch.ones(n), lc, None, tok.vocab_size, tok.vocab_size, shared)[0]
     a.backward()
     b.backward()
-    return float(a), float(b), float((h1.grad - h2.grad).abs().max()), via.stats()["align/rate"]
+    # The projected path (the loop's default): identity projection, every position shares its context,
+    # so it is the configured divergence itself (here reverse KL), up to the projection's tiny floor.
+    from opd_megatron.tokenization.cross import first_token_projection
+
+    proj = first_token_projection(tok, tok, cross.end_pairs())
+    lc_r = LossConfig(divergence="reverse_kl")
+    c = dense_loss(hidden, student_w, direct, torch.ones(n), lc_r, None, tok.vocab_size)[0]
+    d = cross_loss(
+        hidden,
+        student_w,
+        via,
+        torch.ones(n),
+        lc_r,
+        None,
+        tok.vocab_size,
+        tok.vocab_size,
+        None,
+        cross.projector,
+    )[0]
+    identity = bool((proj == torch.arange(tok.vocab_size)).all())
+    return (
+        float(a),
+        float(b),
+        float((h1.grad - h2.grad).abs().max()),
+        via.stats()["align/rate"],
+        float(c),
+        float(d),
+        identity,
+    )
 
 
 def test_same_tokenizer_cross_path_equals_the_direct_path():
-    a, b, grad_diff, rate = run_ranks(_same_tokenizer, 1, timeout=300)[0]
+    a, b, grad_diff, rate, c, d, identity = run_ranks(_same_tokenizer, 1, timeout=300)[0]
     assert rate == 1.0
     assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (a, b)
     assert grad_diff < 1e-5
+    assert identity and abs(c - d) < 1e-3 * max(1.0, abs(c)), (c, d)
 
 
 def _cross_run(rank, root):

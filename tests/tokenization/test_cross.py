@@ -40,3 +40,38 @@ def test_plan_maps_student_tokens_to_teacher_rows(sp_tok, hf_tok):
     )
     loss_N.mean().backward()
     assert torch.isfinite(student_NV.grad).all() and student_NV.grad.abs().sum() > 0
+
+
+def test_canonical_ids_prefer_the_piece_the_tokenizer_emits_over_its_byte_fallback_twin(sp_tok):
+    from opd_megatron.tokenization.cross import canonical_token_ids
+
+    canon = canonical_token_ids(sp_tok)
+    for text in ("1", "a", "e", " "):
+        (emitted,) = sp_tok.encode(text)
+        twins = [i for i in range(sp_tok.vocab_size) if sp_tok.token_bytes([i]) == [text.encode()]]
+        assert len(twins) >= 2, (text, twins)  # the learned piece and the <0x..> byte piece
+        assert canon[text.encode()] == emitted
+
+
+def test_prefix_projection_maps_teacher_tokens_to_the_students_next_token(sp_tok, tk_tok):
+    from opd_megatron.tokenization.alignment import align_completion
+    from opd_megatron.tokenization.cross import PrefixProjector, covering_teacher_tokens
+
+    proj = PrefixProjector(sp_tok, tk_tok)
+    spm_id = lambda s: sp_tok.encode(s)[0]  # noqa: E731 (digits are single pieces)
+    # tiktoken groups digits (up to three); the student splits them one by one
+    multi = [
+        (i, b) for i in range(tk_tok.vocab_size)
+        for b in tk_tok.token_bytes([i]) if len(b) >= 2 and b.isdigit()
+    ]  # fmt: skip
+    assert multi, "the trained tiktoken vocabulary has no multi-digit token"
+    w, b = multi[0]
+    assert proj(b"")[w] == spm_id(b[:1].decode()) and proj(b[:1])[w] == spm_id(b[1:2].decode())
+    assert proj(b)[w] == -1 and proj(b"x")[w] == -1  # the token is used up / does not fit the prefix
+    # the student's digits inside that one teacher token: one teacher row, growing prefixes
+    text = b.decode()
+    assert tk_tok.encode(text) == [w]
+    a = align_completion(sp_tok, sp_tok.encode(text), tk_tok, [w])
+    rows, starts, prefixes = covering_teacher_tokens(a)
+    assert rows == [0] * len(b) and starts == [True] + [False] * (len(b) - 1)
+    assert prefixes == [b[:k] for k in range(len(b))]
