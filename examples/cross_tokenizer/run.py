@@ -23,7 +23,6 @@ from dataclasses import replace
 from pathlib import Path
 
 
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="runs/cross_tokenizer")
