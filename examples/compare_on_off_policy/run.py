@@ -137,12 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
     root = Path(args.out)
+    from opd_megatron.train.mopd_demo import cached_sft
     from opd_megatron.train.opd import run_opd
-    from opd_megatron.train.opd_demo import _cached_sft
     from opd_megatron.train.report import print_table
 
-    teacher = str(_cached_sft(teacher_cfg(root)))
-    init = str(_cached_sft(student_warmup_cfg(root)))
+    teacher = str(cached_sft(teacher_cfg(root)))
+    init = str(cached_sft(student_warmup_cfg(root)))
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         results.setdefault("sft-teacher-samples", []).append(

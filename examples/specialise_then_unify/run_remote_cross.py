@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,38 +55,6 @@ def prepare(root: str) -> dict[str, str]:
     return {**experts, "warm": warm}
 
 
-def start_server(ckpt: str) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "opd_megatron.cli",
-        "serve-teacher",
-        ckpt,
-        "--name",
-        "addition-expert",
-        "--port",
-        "0",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    found: list[str] = []
-    lines: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("serving teacher ") and not found:
-                found.append(line.split(" on ", 1)[1].strip())
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 180
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not found:
-        proc.kill()
-        raise SystemExit("serve-teacher did not start:\n" + "".join(lines[-20:]))
-    return proc, found[0]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default="runs/specialise_then_unify")
@@ -101,11 +66,12 @@ def main() -> int:
         return 0
 
     from opd_megatron.config import load_config
+    from opd_megatron.teachers.process import spawn_teacher_server
     from opd_megatron.train.metrics import read_metrics
     from opd_megatron.train.opd import OPDTrainer
     from opd_megatron.train.report import print_table
 
-    proc, url = start_server(ckpts["addition"])
+    proc, url = spawn_teacher_server(ckpts["addition"], "--name", "addition-expert")
     try:
         cfg = load_config(CONFIG, [f"train.steps={args.steps}"])
         cfg.teachers[0].url = url

@@ -76,8 +76,11 @@ class MOPDOrchestrator:
         vocab: int,
         micro_batch_size: int,
         pass_rates: dict[str, dict[str, float]] | None = None,
+        student_tok=None,
     ):
         self.teachers, self.cfg, self.m, self.groups = teachers, cfg, cfg.mopd, groups
+        self.student_tok = student_tok
+        """Gives completion lengths in bytes (confidence routing compares teachers per byte)."""
         self.vocab, self.micro_batch_size = vocab, micro_batch_size
         self.names = list(teachers)
         self.default = default_teacher(cfg)
@@ -97,13 +100,14 @@ class MOPDOrchestrator:
         self.score_seconds: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ routing
-    def assign(self, rows, prompts, comps, text_bytes: list[int]) -> list[str]:
+    def assign(self, rows, prompts, comps) -> list[str]:
         """A teacher name per rollout (``MIXTURE`` for all under mixture routing), the same on every rank
         of a pipeline (confidence scores exist on the last stage only and are broadcast)."""
         if self.routing == "mixture":
             return [MIXTURE] * len(rows)
         if self.routing != "confidence":
             return self.router.route(rows)
+        text_bytes = [len(b"".join(self.student_tok.token_bytes(c))) for c in comps]
         scores = {name: self._confidence(name, rows, prompts, comps, text_bytes) for name in self.names}
         picks = None
         if self.groups.is_last_stage:

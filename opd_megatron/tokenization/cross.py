@@ -11,6 +11,7 @@ partner of :meth:`~opd_megatron.tokenization.alignment.Alignment.fallback_index`
 from __future__ import annotations
 
 import bisect
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,8 @@ class PrefixProjector:
     With prefix ``c`` (bytes), teacher token ``w`` counts for student token :math:`\pi_c(w)`: the longest
     student token that is a prefix of ``w`` with ``c`` removed, provided ``w`` starts with ``c`` and is
     longer than it (else ``w`` is excluded, -1). With ``c = b""`` this is
-    :func:`first_token_projection`. The projected distribution is
+    :func:`first_token_projection`, where special tokens also map (by role, by identical spelling, and
+    through ``special_pairs``). The projected distribution is
 
     .. math:: \tilde p_c(v) = \frac{\sum_{w: \pi_c(w) = v} p_T(w)}{\sum_{w: \pi_c(w) \ge 0} p_T(w)},
 
@@ -138,7 +140,6 @@ class PrefixProjector:
     Maps are cached per prefix."""
 
     def __init__(self, student_tok: Tokenizer, teacher_tok: Tokenizer, special_pairs=()):
-        self.base = first_token_projection(student_tok, teacher_tok, special_pairs)
         self._by_bytes = canonical_token_ids(student_tok)
         self._longest = max((len(b) for b in self._by_bytes), default=0)
         specials = teacher_tok.special_ids
@@ -146,13 +147,16 @@ class PrefixProjector:
             b"" if w in specials else b
             for w, b in enumerate(teacher_tok.token_bytes(list(range(teacher_tok.vocab_size))))
         ]
-        self._cache: dict[bytes, torch.Tensor] = {b"": self.base}
+        self._cache: dict[bytes, torch.Tensor] = {}
+        base = self(b"")
+        for s_id, t_id in [*_special_pairs(student_tok, teacher_tok), *special_pairs]:
+            base[t_id] = s_id
 
     def __call__(self, prefix: bytes) -> torch.Tensor:
         """``[W]`` long: the student token each teacher token counts for after ``prefix``, or -1."""
         out = self._cache.get(prefix)
         if out is None:
-            out = torch.full_like(self.base, -1)
+            out = torch.full((len(self._teacher_bytes),), -1, dtype=torch.long)
             n = len(prefix)
             for w, b in enumerate(self._teacher_bytes):
                 if len(b) > n and b.startswith(prefix):
@@ -169,24 +173,37 @@ class PrefixProjector:
 def canonical_token_ids(tok: Tokenizer) -> dict[bytes, int]:
     """Bytes -> the id ``tok`` itself uses for them, over its non-special tokens. Where several ids spell
     the same bytes (a SentencePiece piece and its byte-fallback twin ``<0x31>`` for ``"1"``), the one the
-    tokenizer produces when encoding that text wins: a target on the twin would teach the student a token
-    it never emits, after which it has never seen any context."""
+    tokenizer produces when encoding that text wins, else the highest id (SentencePiece numbers its
+    byte-fallback pieces before the learned ones): a target on the twin would teach the student a token it
+    never emits, after which it has never seen any context."""
     groups: dict[bytes, list[int]] = {}
     for i, b in enumerate(tok.token_bytes(list(range(tok.vocab_size)))):
         if b and i not in tok.special_ids:
             groups.setdefault(b, []).append(i)
     out = {}
     for b, ids in groups.items():
-        pick = ids[0]
+        enc: list[int] = []
         if len(ids) > 1:
-            try:
+            with contextlib.suppress(UnicodeDecodeError, TokenizerError):  # bytes that are not text
                 enc = tok.encode(b.decode("utf-8"))
-            except (UnicodeDecodeError, TokenizerError):
-                enc = []
-            # else the highest id: SentencePiece numbers its byte-fallback pieces before the learned ones
-            pick = enc[0] if len(enc) == 1 and enc[0] in ids else ids[-1]
-        out[b] = pick
+        out[b] = enc[0] if len(enc) == 1 and enc[0] in ids else ids[-1]
     return out
+
+
+def _special_pairs(student_tok: Tokenizer, teacher_tok: Tokenizer) -> list[tuple[int, int]]:
+    """(student id, teacher id) of specials with the same role (pad, BOS, EOS) or the same spelling."""
+    pairs = [
+        (a, b)
+        for a, b in ((student_tok.pad_id, teacher_tok.pad_id), (student_tok.bos_id, teacher_tok.bos_id),
+                     (student_tok.eos_id, teacher_tok.eos_id))
+        if a is not None and b is not None
+    ]  # fmt: skip
+    s_text = {student_tok.special_token_text(i): i for i in student_tok.special_ids}
+    for w in teacher_tok.special_ids:
+        text = teacher_tok.special_token_text(w)
+        if text is not None and text in s_text:
+            pairs.append((s_text[text], w))
+    return pairs
 
 
 def first_token_projection(
@@ -200,30 +217,4 @@ def first_token_projection(
     Where both models condition on the same text, the teacher's next-token distribution projected this
     way, :math:`\tilde p(v) = \sum_{w: \pi(w) = v} p_T(w)`, is its distribution over the *student's*
     next token: the teacher's "357" and "3" both begin with the student's "3"."""
-    by_bytes = canonical_token_ids(student_tok)
-    longest = max((len(b) for b in by_bytes), default=0)
-    out = torch.full((teacher_tok.vocab_size,), -1, dtype=torch.long)
-    specials = teacher_tok.special_ids
-    for w, b in enumerate(teacher_tok.token_bytes(list(range(teacher_tok.vocab_size)))):
-        if w in specials or not b:
-            continue
-        for n in range(min(len(b), longest), 0, -1):
-            v = by_bytes.get(b[:n])
-            if v is not None:
-                out[w] = v
-                break
-    # Specials: the same role (pad, BOS, EOS) or the same spelling on both sides, then the given pairs.
-    pairs = [
-        (a, b)
-        for a, b in ((student_tok.pad_id, teacher_tok.pad_id), (student_tok.bos_id, teacher_tok.bos_id),
-                     (student_tok.eos_id, teacher_tok.eos_id))
-        if a is not None and b is not None
-    ]  # fmt: skip
-    s_text = {student_tok.special_token_text(i): i for i in student_tok.special_ids}
-    for w in specials:
-        text = teacher_tok.special_token_text(w)
-        if text is not None and text in s_text:
-            pairs.append((s_text[text], w))
-    for s_id, t_id in [*pairs, *special_pairs]:
-        out[t_id] = s_id
-    return out
+    return PrefixProjector(student_tok, teacher_tok, special_pairs)(b"")

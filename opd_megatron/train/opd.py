@@ -178,7 +178,7 @@ class OPDTrainer:
                 cfg.train.eval_samples,
             )
         self.orch = MOPDOrchestrator(
-            self.teachers, cfg, self.groups, vocab, cfg.train.micro_batch_size, pass_rates
+            self.teachers, cfg, self.groups, vocab, cfg.train.micro_batch_size, pass_rates, self.tokenizer
         )
         cross = {n: t for n, t in self.teachers.items() if isinstance(t, CrossTokenizerTeacher)}
         self.shared_vocab = {
@@ -417,9 +417,8 @@ class OPDTrainer:
         cross_teachers = [t for t in self.teachers.values() if isinstance(t, CrossTokenizerTeacher)]
         for t in cross_teachers:
             t.pop_alignments()  # drop what evaluation scored
-        text_bytes = [len(b"".join(self.tokenizer.token_bytes(c))) for c in comps]
         try:
-            names = self.orch.assign(rows, prompts, comps, text_bytes)
+            names = self.orch.assign(rows, prompts, comps)
             for t in cross_teachers:
                 t.pop_alignments()  # confidence routing scored every rollout; keep the routed ones
             mbs = self._microbatches(rows, prompts, comps, behaviour, weights, names)
@@ -519,8 +518,7 @@ class OPDTrainer:
         )
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        text_bytes = [len(b"".join(self.tokenizer.token_bytes(c))) for c in comps]
-        names = self.orch.assign(rows, prompts, comps, text_bytes) if rows else []
+        names = self.orch.assign(rows, prompts, comps) if rows else []
         for name in dict.fromkeys(names):
             idx = [i for i, n in enumerate(names) if n == name]
             for i in range(0, len(idx), 64):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.config import LossConfig
-from opd_megatron.losses import fused_linear_divergence, topk_distillation_loss
+from opd_megatron.losses import fused_linear_divergence, loss_kwargs, topk_distillation_loss
 from opd_megatron.losses.divergences import divergence
 from opd_megatron.losses.tp import global_logsumexp, vocab_range
 from opd_megatron.losses.uld import cross_tokenizer_loss, projected_logprobs, uld
@@ -38,21 +38,16 @@ MIN_PREFIX_MASS = 1e-3
 noise (the teacher did not expect the student's split) and the position falls back to ULD."""
 
 
-def dense_loss(hidden_NH, weight_VH, tgt: TeacherTargets, weights_N, lc: LossConfig, group, vocab, clip=None):
-    """Fused divergence against one co-located teacher of the student's vocabulary."""
+def _fused(hidden_NH, weight_VH, weights_N, lc: LossConfig, group, vocab, clip=None, **teacher) -> LossParts:
+    """The fused vocab-parallel divergence with ``lc``'s settings; ``teacher`` is its teacher side
+    (hidden states and output layer, or a logits shard)."""
     out = fused_linear_divergence(
         hidden_NH,
         weight_VH,
-        teacher_hidden_TH=tgt.hidden_NH,
-        teacher_weight_VH=tgt.weight_VH,
+        **teacher,
+        **loss_kwargs(lc),
         mask_T=weights_N,
         normaliser=1.0,
-        divergence=lc.divergence,
-        jsd_beta=lc.jsd_beta,
-        skew_alpha=lc.skew_alpha,
-        temperature=lc.temperature,
-        scale_by_t2=lc.scale_by_t2,
-        chunk_size=lc.chunk_size,
         tp_group=group,
         vocab_size=vocab,
         token_clip=clip,
@@ -61,6 +56,14 @@ def dense_loss(hidden_NH, weight_VH, tgt: TeacherTargets, weights_N, lc: LossCon
         recompute=False,
     )
     return out.loss, out.per_token.detach().sum(), out.top1_agree.float().sum()
+
+
+def dense_loss(hidden_NH, weight_VH, tgt: TeacherTargets, weights_N, lc: LossConfig, group, vocab, clip=None):
+    """Fused divergence against one co-located teacher of the student's vocabulary."""
+    return _fused(
+        hidden_NH, weight_VH, weights_N, lc, group, vocab, clip,
+        teacher_hidden_TH=tgt.hidden_NH, teacher_weight_VH=tgt.weight_VH,
+    )  # fmt: skip
 
 
 def teacher_logprobs(tgt: TeacherTargets, group, vocab: int, temperature: float = 1.0) -> torch.Tensor:
@@ -84,23 +87,7 @@ def mixture_loss(hidden_NH, weight_VH, tgts: list[TeacherTargets], weights_MN, t
     lp = [teacher_logprobs(t, group, vocab, lc.temperature) for t in tgts]
     # The fused loss divides teacher logits by T again; hand it T * log p_mix so softmax gives p_mix.
     mix_NV = mixture_logprobs(lp, weights_MN) * lc.temperature
-    out = fused_linear_divergence(
-        hidden_NH,
-        weight_VH,
-        teacher_logits_TV=mix_NV,
-        mask_T=token_w_N,
-        normaliser=1.0,
-        divergence=lc.divergence,
-        jsd_beta=lc.jsd_beta,
-        skew_alpha=lc.skew_alpha,
-        temperature=lc.temperature,
-        scale_by_t2=lc.scale_by_t2,
-        chunk_size=lc.chunk_size,
-        tp_group=group,
-        vocab_size=vocab,
-        recompute=False,
-    )
-    return out.loss, out.per_token.detach().sum(), out.top1_agree.float().sum()
+    return _fused(hidden_NH, weight_VH, token_w_N, lc, group, vocab, teacher_logits_TV=mix_NV)
 
 
 def topk_loss(hidden_NH, weight_VH, tgt: TopKTargets, weights_N, lc: LossConfig, group, vocab) -> LossParts:

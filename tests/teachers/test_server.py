@@ -5,9 +5,7 @@ slow or failing."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 from opd_megatron.teachers import RemoteTeacher, RemoteTeacherClient, TeacherError, TopKTargets
+from opd_megatron.teachers.process import spawn_teacher_server
 from tests.multirank import run_ranks
 from tests.teachers.stub import stub_server as _stub
 
@@ -55,28 +54,11 @@ def checkpoint(tmp_path_factory):
 
 
 def _start_server(ckpt: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "opd_megatron.cli", "serve-teacher", ckpt, "--port", "0", "--name", "tiny",
-           "--max-k", str(MAX_K), "--max-body-bytes", str(MAX_BODY), "--max-wait-ms", "20", "--max-tokens-per-request", "100", *extra]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[2])  # fmt: skip
-    lines: list[str] = []
-    found: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("serving teacher ") and not found:
-                found.append(line.split(" on ", 1)[1].strip())
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not found:
-        proc.kill()
-        raise RuntimeError("teacher server did not start:\n" + "".join(lines))
-    return proc, found[0]
+    return spawn_teacher_server(
+        ckpt, "--name", "tiny", "--max-k", str(MAX_K), "--max-body-bytes", str(MAX_BODY), "--max-wait-ms", "20",
+        "--max-tokens-per-request", "100", *extra,
+        env={"OMP_NUM_THREADS": "1"}, timeout_s=120, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -48,25 +48,12 @@ def _best_time(fn, repeats: int):
 
 
 def _start_server(ckpt: str, args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "opd_megatron.cli", "serve-teacher", ckpt, "--port", "0", "--name", "bench",
-           "--max-k", str(args.k), "--max-batch", str(args.batch), "--max-body-bytes", str(64 << 20)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    # This process's torch.distributed rendezvous variables would make the server join (and collide with)
-    # its process group: the server is a separate one-process job.
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving teacher "):
-            # Keep draining the pipe so a chatty server never blocks on a full stdout.
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, line.split(" on ", 1)[1].strip()
-    proc.wait()
-    raise RuntimeError(
-        f"teacher server exited with {proc.returncode} before listening:\n" + "".join(lines[-30:])
-    )
+    from opd_megatron.teachers.process import spawn_teacher_server
+
+    return spawn_teacher_server(
+        ckpt, "--name", "bench", "--max-k", str(args.k), "--max-batch", str(args.batch),
+        "--max-body-bytes", str(64 << 20), env={"OMP_NUM_THREADS": str(args.threads)},
+    )  # fmt: skip
 
 
 def _threaded(client, seqs, k, n_threads):
