@@ -66,7 +66,7 @@ def main() -> int:
         return 0
 
     from opd_megatron.config import load_config
-    from opd_megatron.teachers.process import spawn_teacher_server
+    from opd_megatron.teachers.process import spawn_teacher_server, stop_teacher_server
     from opd_megatron.train.metrics import read_metrics
     from opd_megatron.train.opd import OPDTrainer
     from opd_megatron.train.report import print_table
@@ -78,8 +78,7 @@ def main() -> int:
         trainer = OPDTrainer(cfg)
         result = trainer.run()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_teacher_server(proc)
 
     rows = [[d, f"{result.eval_before[d]:.2f}", f"{v:.2f}"] for d, v in result.eval_after.items()]
     print_table("Remote + cross-tokeniser MOPD: held-out exact match", ["domain", "before", "after"], rows)

@@ -53,3 +53,15 @@ def spawn_teacher_server(
             f"teacher server did not start (exit code {proc.returncode}):\n" + "".join(lines[-30:])
         )
     return proc, url[0]
+
+
+def stop_teacher_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (the server shuts down cleanly), then SIGKILL if it has not exited after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

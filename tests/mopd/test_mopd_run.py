@@ -191,6 +191,7 @@ def _remote_run(rank, out, experts, warm, url):
 def test_remote_expert_then_failure_aborts_the_step_cleanly(tmp_path, ckpts):
     import threading
 
+    from opd_megatron.teachers.process import stop_teacher_server
     from tests.teachers.test_server import _start_server
 
     experts, warm = ckpts
@@ -203,8 +204,7 @@ def test_remote_expert_then_failure_aborts_the_step_cleanly(tmp_path, ckpts):
     def stop_when_asked():
         while not (out / "stop").exists():
             threading.Event().wait(0.05)
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_teacher_server(proc, 15)
         (out / "stop").unlink()
 
     threading.Thread(target=stop_when_asked, daemon=True).start()
@@ -213,9 +213,7 @@ def test_remote_expert_then_failure_aborts_the_step_cleanly(tmp_path, ckpts):
             _remote_run, 1, timeout=600, args=(str(out), experts, warm, url)
         )[0]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_teacher_server(proc, 0)
     assert all(not r["skipped"] for r in recs)
     assert counters["sorting-expert"] > 0 and counters["reversal-expert"] > 0
     assert aborted["skipped"] and aborted["teacher"] == "sorting-expert"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from opd_megatron.teachers import RemoteTeacher, RemoteTeacherClient, TeacherError, TopKTargets
-from opd_megatron.teachers.process import spawn_teacher_server
+from opd_megatron.teachers.process import spawn_teacher_server, stop_teacher_server
 from tests.multirank import run_ranks
 from tests.teachers.stub import stub_server as _stub
 
@@ -67,12 +67,7 @@ def server(checkpoint):
     try:
         yield url
     finally:  # always stop the process, also when a test failed
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_teacher_server(proc, 15)
 
 
 def _client(url, **kw) -> RemoteTeacherClient:

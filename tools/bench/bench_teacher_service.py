@@ -160,8 +160,9 @@ def main() -> int:
             with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
                 server_stats = json.loads(r.read())["stats"]
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            from opd_megatron.teachers.process import stop_teacher_server
+
+            stop_teacher_server(proc)
     # Same checkpoint, same batches: the service must return the in-process top-k ids.
     for ref_batch, got_batch in zip(results["colocated top-k"], results["remote top-k"]):
         for ref, got in zip(ref_batch, got_batch):
