@@ -81,10 +81,26 @@ class TokenizerConfig:
     path: str | None = None
     """Tokenizer file for the non-``char`` kinds."""
     chat_template: str = "plain"
-    """Name of the chat template in the template registry (``plain``, ``chatml``, ``llama3``, ``glm``)."""
+    """``model``: the model's own Jinja chat template (``kind: hf`` with ``path`` a Hugging Face tokenizer
+    directory holding ``tokenizer_config.json`` / ``chat_template.jinja``), rendered by ``transformers``;
+    else the name of a hand-written template for the built-in toy tokenizers (``plain``, ``chatml``,
+    ``llama3``, ``glm``)."""
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra variables for the model's Jinja template, e.g. ``{enable_thinking: false}`` for Qwen3."""
 
     def __post_init__(self):
         _one_of(self.kind, ("char", "sentencepiece", "tiktoken", "hf"), "kind")
+        _check(
+            self.chat_template != "model" or self.kind == "hf",
+            "chat_template",
+            f"'model' (the model's own Jinja template) needs kind 'hf' with a tokenizer directory, got kind {self.kind!r}",
+        )
+        if self.template_kwargs:
+            _check(
+                self.chat_template == "model",
+                "template_kwargs",
+                f"only the model's own Jinja template takes variables (chat_template: model), not {self.chat_template!r}",
+            )
         _check(
             self.kind == "char" or bool(self.path), "path", f"tokenizer kind {self.kind!r} needs a file path"
         )
@@ -392,15 +408,32 @@ class TrainConfig:
         _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every", "must be >= 0")
 
 
+BUILTIN_DOMAINS = ("addition", "reversal", "sorting")
+"""Names of the built-in synthetic domains (``opd_megatron.data.domains`` checks it defines exactly these);
+kept here so the config never imports the data package."""
+
+ROW_FIELDS = ("prompt", "domain", "reference", "privileged", "messages")
+"""Fields of a prompt row (``opd_megatron.data.rows.FIELDS``)."""
+
+
 @dataclass
 class DataConfig:
     """Prompt data: the built-in synthetic domains and/or JSONL files."""
 
-    domains: list[str] = field(default_factory=lambda: ["addition", "reversal", "sorting"])
+    domains: list[str] = field(default_factory=lambda: list(BUILTIN_DOMAINS))
     """Built-in domains to draw from (see ``opd_megatron.data.domains``)."""
     train_path: str | None = None
-    """JSONL of training rows (``prompt``, ``domain``, optional ``reference``, ``privileged``)."""
+    """Training rows: a JSONL file, a Parquet file, or a directory written by ``datasets``'
+    ``save_to_disk``. Fields: ``prompt`` or ``messages`` (OpenAI chat format), ``domain``, optional
+    ``reference`` and ``privileged`` (see ``opd_megatron.data.rows``). Every row is validated at start-up."""
     eval_path: str | None = None
+    """Held-out rows, in any format ``train_path`` accepts; grouped by their ``domain``."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Column names of the files for the row fields, e.g. ``{messages: conversations, domain: source}``."""
+    extra_fields: Literal["error", "ignore"] = "error"
+    """Columns that are no row field: an error naming the row (catches typos), or ignored."""
+    default_domain: str | None = None
+    """Domain of rows that have none (datasets without a domain column)."""
     train_size: int = 2000
     """Generated training rows per built-in domain."""
     eval_size: int = 200
@@ -410,15 +443,22 @@ class DataConfig:
     """Domain size knob (number of digits / characters)."""
 
     def __post_init__(self):
-        from opd_megatron.data.domains import DOMAINS  # local import: data imports config
-
         _check(
             bool(self.domains) or bool(self.train_path), "domains", "no built-in domains and no train_path"
         )
         for i, d in enumerate(self.domains):
             _check(
-                d in DOMAINS, f"domains[{i}]", f"unknown domain {d!r}; known: {', '.join(sorted(DOMAINS))}"
+                d in BUILTIN_DOMAINS,
+                f"domains[{i}]",
+                f"unknown domain {d!r}; known: {', '.join(sorted(BUILTIN_DOMAINS))}",
             )
+        for name in self.fields:
+            _check(
+                name in ROW_FIELDS, f"fields.{name}", f"not a row field; row fields: {', '.join(ROW_FIELDS)}"
+            )
+        _one_of(self.extra_fields, ("error", "ignore"), "extra_fields")
+        if self.default_domain is not None:
+            _check(bool(self.default_domain.strip()), "default_domain", "must be a non-empty string")
         _check(self.train_size > 0 and self.eval_size > 0, "train_size", "sizes must be > 0")
         _check(1 <= self.difficulty <= 12, "difficulty", f"must be in [1, 12], got {self.difficulty}")
 

@@ -40,7 +40,8 @@ import string
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
-from opd_megatron.data.jsonl import DataError, PromptRow, read_jsonl
+from opd_megatron.data.rows import DataError, PromptRow
+from opd_megatron.data.sources import read_rows
 
 if TYPE_CHECKING:
     from opd_megatron.config import DataConfig
@@ -322,34 +323,38 @@ def build_split(domain: str, split: Split, size: int, seed: int, difficulty: int
 def build_datasets(cfg: DataConfig) -> tuple[list[PromptRow], dict[str, list[PromptRow]]]:
     """Training rows and held-out rows by domain for a :class:`~opd_megatron.config.DataConfig`.
 
-    Built-in domains give ``train_size`` / ``eval_size`` rows each; ``train_path`` / ``eval_path`` JSONL
-    rows are added (eval rows grouped by their ``domain``). Training rows are shuffled with ``cfg.seed``
-    so domains interleave. An eval prompt that also occurs in the training rows is an error: a held-out
-    score on seen prompts would be silently inflated.
+    Built-in domains give ``train_size`` / ``eval_size`` rows each; the rows of ``train_path`` /
+    ``eval_path`` (JSONL, Parquet or a saved ``datasets`` directory, see
+    :func:`~opd_megatron.data.sources.read_rows`) are added, every one validated here, before training
+    (eval rows grouped by their ``domain``). Training rows are shuffled with ``cfg.seed`` so domains
+    interleave. An eval prompt that also occurs in the training rows is an error: a held-out score on
+    seen prompts would be silently inflated.
     """
     train: list[PromptRow] = []
     evals: dict[str, list[PromptRow]] = {}
     for name in cfg.domains:
         train += build_split(name, "train", cfg.train_size, cfg.seed, cfg.difficulty)
         evals[name] = build_split(name, "eval", cfg.eval_size, cfg.seed, cfg.difficulty)
-    for path, is_train in ((cfg.train_path, True), (cfg.eval_path, False)):
+    for path, split in ((cfg.train_path, "train"), (cfg.eval_path, "eval")):
         if path is None:
             continue
-        rows = read_jsonl(path)
+        rows = read_rows(
+            path, cfg.fields, cfg.extra_fields, cfg.default_domain, field_name=f"data.{split}_path"
+        )
         if not rows:
-            raise DataError(f"{path}: no rows (data.{'train' if is_train else 'eval'}_path)")
-        if is_train:
+            raise DataError(f"data.{split}_path: {path} holds no rows")
+        if split == "train":
             train += rows
         else:
             for row in rows:
                 evals.setdefault(row.domain, []).append(row)
 
-    train_prompts = {r.prompt for r in train}
-    leaked = [r for rows in evals.values() for r in rows if r.prompt in train_prompts]
+    train_keys = {r.key for r in train}
+    leaked = [r for rows in evals.values() for r in rows if r.key in train_keys]
     if leaked:
         raise DataError(
-            f"{len(leaked)} eval prompt(s) also occur in the training rows (first: {_shorten(leaked[0].prompt)!r}, "
-            f"domain {leaked[0].domain!r}); held-out evaluation needs disjoint prompts"
+            f"{len(leaked)} eval prompt(s) also occur in the training rows (first: {leaked[0].where()}, "
+            f"prompt {_shorten(leaked[0].prompt)!r}); held-out evaluation needs disjoint prompts"
         )
     random.Random(f"build_datasets/seed={cfg.seed}").shuffle(train)
     return train, evals

@@ -163,10 +163,13 @@ def test_build_datasets_rejects_leaks_and_empty_files(tmp_path):
     cfg = DataConfig(domains=["addition"], train_size=5, eval_size=5, eval_path=str(tmp_path / "eval.jsonl"))
     with pytest.raises(
         DataError,
-        match=re.escape(f"1 eval prompt(s) also occur in the training rows (first: '{leaked.prompt}'"),
+        match=re.escape(
+            f"1 eval prompt(s) also occur in the training rows (first: {tmp_path / 'eval.jsonl'}:1, "
+            f"prompt '{leaked.prompt}'"
+        ),
     ):
         build_datasets(cfg)
     (tmp_path / "empty.jsonl").write_text("\n")
     cfg = DataConfig(domains=[], train_path=str(tmp_path / "empty.jsonl"))
-    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+    with pytest.raises(DataError, match=r"data\.train_path: .*empty\.jsonl holds no rows"):
         build_datasets(cfg)
