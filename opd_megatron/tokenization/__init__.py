@@ -3,7 +3,8 @@
 Modules: ``char`` (built-in), ``sentencepiece_tok`` / ``tiktoken_tok`` / ``hf_tok`` (adapters with byte
 offsets), ``train_local`` (small tokenizers trained in memory), ``chat_templates`` (render, strip,
 re-emit), ``alignment`` (boundary agreement), ``cross`` (batch plan for a teacher of another tokenizer),
-``cli`` (the ``align`` inspector). The ULD losses live in :mod:`opd_megatron.losses.uld`.
+``cli`` (the ``align`` inspector), ``hf_dir`` (Hugging Face tokenizer directories) and ``jinja_template``
+(the model's own chat template). The ULD losses live in :mod:`opd_megatron.losses.uld`.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike) -> Tokenizer:
     descriptor file inside one. For ``kind="char"`` a config gives the default character vocabulary,
     unless ``path`` points at a saved one. For the other kinds ``path`` is a saved directory, or the
     tokenizer's own file: a SentencePiece ``.model``, a tiktoken ranks file (default pre-tokenisation
-    pattern; special tokens ``<|endoftext|>`` (EOS) then those of ``chat_template``, after the ranks), or
-    an HF ``tokenizer.json`` (EOS: the first of :data:`~opd_megatron.tokenization.hf_tok.EOS_CANDIDATES`).
+    pattern; special tokens ``<|endoftext|>`` (EOS) then those of ``chat_template``, after the ranks),
+    an HF ``tokenizer.json`` (EOS: the first of :data:`~opd_megatron.tokenization.hf_tok.EOS_CANDIDATES`),
+    or a Hugging Face tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``, with the model's
+    chat template; see :mod:`~opd_megatron.tokenization.hf_dir`).
     """
     if isinstance(source, TokenizerConfig):
         if source.kind not in _LOADERS:
@@ -73,6 +76,11 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike) -> Tokenizer:
         return cls.from_file(path)
 
     path = Path(source)
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+        from opd_megatron.tokenization.hf_dir import is_hf_directory, load_hf_directory
+
+        if is_hf_directory(path):
+            return load_hf_directory(path)
     if (
         path.is_dir()
         and not (path / TOKENIZER_FILE).is_file()

@@ -171,8 +171,12 @@ def align_bytes(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> Align
 def align_completion(
     student_tok: Tokenizer, student_ids: list[int], teacher_tok: Tokenizer, teacher_ids: list[int]
 ) -> Alignment:
-    """Align a student completion (the ids it sampled, not a re-encoding) with the teacher's ids."""
-    return align_bytes(student_tok.token_bytes(student_ids), teacher_tok.token_bytes(teacher_ids))
+    """Align a student completion (the ids it sampled, not a re-encoding) with the teacher's ids.
+
+    Both are read as the start of a text (:meth:`~opd_megatron.tokenization.base.Tokenizer.text_bytes`):
+    a SentencePiece dummy-prefix space on either side's first token is no part of the completion's text,
+    so it neither shifts every offset nor makes the two texts differ."""
+    return align_bytes(student_tok.text_bytes(student_ids), teacher_tok.text_bytes(teacher_ids))
 
 
 _CODE_CHARS = frozenset("{}[]();=<>_\\/|&*^%$#@`~\t")

@@ -97,10 +97,30 @@ class Tokenizer(abc.ABC):
         special = self.special_ids
         return [b"" if int(i) in special else self.decode([int(i)]).encode("utf-8") for i in ids]
 
+    dummy_prefix: bytes = b""
+    """What :meth:`encode` puts in front of the text before tokenising it: ``b" "`` for SentencePiece models
+    with ``add_dummy_prefix`` (Llama-2, Mistral, Gemma style, and their Hugging Face ``Metaspace``
+    conversions), so that ``encode("The")`` is ``["▁The"]``. The dummy space is no part of the text: the
+    model's ``decode`` removes it, and so do :meth:`decode` and :meth:`text_bytes` here."""
+
+    def text_bytes(self, ids: list[int]) -> list[bytes]:
+        """:meth:`token_bytes` of ``ids`` read as the start of a text (a prompt, a completion): the
+        :attr:`dummy_prefix` is removed from the first token that has bytes (that token may become
+        ``b""``), so the bytes join to the text ``decode`` gives, and byte offsets of an encoding line up
+        with the original text. :meth:`token_bytes` stays per token (``"▁The"`` is ``b" The"``)."""
+        out = self.token_bytes(ids)
+        if self.dummy_prefix:
+            for k, b in enumerate(out):
+                if b:
+                    if b.startswith(self.dummy_prefix):
+                        out[k] = b[len(self.dummy_prefix) :]
+                    break
+        return out
+
     def encode_with_byte_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and, per token, its ``(start, end)`` span in ``text.encode("utf-8")``."""
         ids = self.encode(text)
-        return ids, spans_from_lengths([len(b) for b in self.token_bytes(ids)])
+        return ids, spans_from_lengths([len(b) for b in self.text_bytes(ids)])
 
     def special_token_id(self, token: str) -> int:
         """Id of the special token spelled ``token`` (e.g. ``"<|im_start|>"``); raises if there is none.
@@ -120,7 +140,7 @@ class ByteLevelTokenizer(Tokenizer):
     can never disagree about what a token spells."""
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        pieces = self.token_bytes(ids)
+        pieces = self.text_bytes(ids)
         if not skip_special:
             spelled = [self.special_token_text(int(i)) for i in ids]
             pieces = [b if text is None else text.encode() for b, text in zip(pieces, spelled)]

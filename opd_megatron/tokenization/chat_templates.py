@@ -223,7 +223,7 @@ def elements_from_ids(tok: Tokenizer, ids: list[int]) -> list[str | Special]:
     since byte-level tokens may split a character."""
     out: list[str | Special] = []
     buf = bytearray()
-    for i, b in zip(ids, tok.token_bytes(ids)):
+    for i, b in zip(ids, tok.text_bytes(ids)):
         name = tok.special_token_text(i) if int(i) in tok.special_ids else None
         if name is None and int(i) not in tok.special_ids:
             buf += b
@@ -274,7 +274,11 @@ def reemit(
     text, ended, teacher_completion = reemit_completion(
         completion_ids, student_tok, student_tpl, teacher_tok, teacher_tpl
     )
-    teacher_prompt = encode_segments(teacher_tok, teacher_tpl.render(turns, add_generation_prompt=True))
+    if hasattr(teacher_tpl, "render_ids"):  # the teacher model's own Jinja template
+        messages = [{"role": t.role, "content": t.content} for t in turns]
+        teacher_prompt = teacher_tpl.render_ids(messages, add_generation_prompt=True, tok=teacher_tok)
+    else:
+        teacher_prompt = encode_segments(teacher_tok, teacher_tpl.render(turns, add_generation_prompt=True))
     return Reemission(turns, text, ended, teacher_prompt, teacher_completion)
 
 
@@ -294,7 +298,7 @@ def reemit_completion(
         end_token_id(student_tok, student_tpl),
         student_tok.eos_id,
     )
-    text = b"".join(student_tok.token_bytes(completion_ids[:n])).decode("utf-8", errors="replace")
+    text = b"".join(student_tok.text_bytes(completion_ids[:n])).decode("utf-8", errors="replace")
     try:
         ids = teacher_tok.encode(text)
     except TokenizerError:  # a closed vocabulary (characters) meets text it lacks: those become <unk>

@@ -1,12 +1,20 @@
 """Adapter for SentencePiece models (BPE or unigram), loaded from ``.model`` bytes.
 
 Offsets come from SentencePiece's own piece spans (UTF-8 byte offsets into the input). For those to be
-exact spans of the *original* text the model must use the ``identity`` normaliser and no dummy prefix, as
-the models of :mod:`opd_megatron.tokenization.train_local` do; other models still encode and decode, but
-their offsets and per-token bytes follow the normalised text (e.g. a dummy-prefix space before the first
-word), so re-emitted text and alignments are only exact with such models. Control symbols (chat-template tokens) are never parsed from
-text: SentencePiece only produces them by id, which is what keeps user content that spells
-``<|im_start|>`` plain text.
+exact spans of the *original* text the model must use the ``identity`` normaliser, as the models of
+:mod:`opd_megatron.tokenization.train_local` do; with another normaliser (NFKC, whitespace collapsing) the
+offsets and per-token bytes follow the normalised text.
+
+**Dummy prefix** (``add_dummy_prefix``, the Llama-2 / Mistral / Gemma default): SentencePiece encodes
+``" " + text``, so ``encode("The fox")`` is ``["▁The", "▁fox"]``. Here the dummy space is removed, never
+attributed to the text: :attr:`dummy_prefix` is ``b" "``, the first piece of an encoding covers
+``"The"`` (offsets ``(0, 3)``, as SentencePiece reports them), and :meth:`text_bytes` / :meth:`decode`
+drop one leading space from the first piece of a sequence, as SentencePiece's own decoder does; a lone
+``"▁"`` dummy piece then covers no bytes. :meth:`token_bytes` keeps the per-token view (``"▁fox"`` is
+``b" fox"``). Alignment against a byte-level tokenizer therefore sees the same text on both sides.
+
+Control symbols (chat-template tokens) are never parsed from text: SentencePiece only produces them by
+id, which is what keeps user content that spells ``<|im_start|>`` plain text.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class SentencePieceTokenizer(ByteLevelTokenizer):
         self._control = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
         # Bytes of every piece, computed once: "▁" is the space, "<0xNN>" byte-fallback pieces are one byte.
         self._bytes = [self._piece_bytes(i) for i in range(sp.get_piece_size())]
+        # The model's normaliser spec is not exposed without protobuf; its effect is: a dummy prefix turns
+        # "a" into a piece sequence that starts with the meta space.
+        self.dummy_prefix = b" " if "".join(sp.encode("a", out_type=str)).startswith("\u2581") else b""
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:

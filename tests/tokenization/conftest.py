@@ -25,3 +25,6 @@ def tk_tok():
 @pytest.fixture(scope="session")
 def all_toks(sp_tok, hf_tok, tk_tok):
     return {"sentencepiece": sp_tok, "hf": hf_tok, "tiktoken": tk_tok}
+
+
+from tests.tokenization.hf_dirs import hf_dirs  # noqa: E402, F401  (fixture: HF tokenizer directories)
