@@ -175,8 +175,16 @@ def align_completion(
 
     Both are read as the start of a text (:meth:`~opd_megatron.tokenization.base.Tokenizer.text_bytes`):
     a SentencePiece dummy-prefix space on either side's first token is no part of the completion's text,
-    so it neither shifts every offset nor makes the two texts differ."""
-    return align_bytes(student_tok.text_bytes(student_ids), teacher_tok.text_bytes(teacher_ids))
+    so it neither shifts every offset nor makes the two texts differ. The one ambiguous case, a ``"▁"``
+    that is the text's own leading space (Hugging Face ``Metaspace`` adds no dummy before a space), is
+    settled by the other side: when its text has that space, the space is the first token's."""
+    s_bytes, t_bytes = student_tok.text_bytes(student_ids), teacher_tok.text_bytes(teacher_ids)
+    s_text, t_text = b"".join(s_bytes), b"".join(t_bytes)
+    if teacher_tok.dummy_prefix and s_text == teacher_tok.dummy_prefix + t_text:
+        t_bytes = teacher_tok.token_bytes(teacher_ids)
+    elif student_tok.dummy_prefix and t_text == student_tok.dummy_prefix + s_text:
+        s_bytes = student_tok.token_bytes(student_ids)
+    return align_bytes(s_bytes, t_bytes)
 
 
 _CODE_CHARS = frozenset("{}[]();=<>_\\/|&*^%$#@`~\t")

@@ -120,7 +120,17 @@ class Tokenizer(abc.ABC):
     def encode_with_byte_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and, per token, its ``(start, end)`` span in ``text.encode("utf-8")``."""
         ids = self.encode(text)
-        return ids, spans_from_lengths([len(b) for b in self.text_bytes(ids)])
+        return ids, spans_from_lengths([len(b) for b in self.bytes_of_encoding(text, ids)])
+
+    def bytes_of_encoding(self, text: str, ids: list[int]) -> list[bytes]:
+        """Per-token bytes of ``ids``, an encoding of ``text``, so that they join to ``text``: the dummy
+        prefix is removed exactly when the tokenizer added one. (SentencePiece always adds it; Hugging
+        Face's ``Metaspace`` does not when the text already starts with a space, and then the first
+        token's ``"▁"`` is the text's own space, which :meth:`text_bytes`, reading ids alone, cannot tell.)"""
+        out = self.token_bytes(ids)
+        if self.dummy_prefix and b"".join(out) == self.dummy_prefix + text.encode("utf-8"):
+            return self.text_bytes(ids)
+        return out
 
     def special_token_id(self, token: str) -> int:
         """Id of the special token spelled ``token`` (e.g. ``"<|im_start|>"``); raises if there is none.
