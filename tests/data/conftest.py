@@ -1,0 +1,3 @@
+"""Fixtures shared by the data tests."""
+
+from tests.tokenization.hf_dirs import hf_dirs  # noqa: F401  (fixture: HF tokenizer directories)
