@@ -1,7 +1,9 @@
 """A teacher of another tokenizer behind the ordinary Teacher interface (cross-tokeniser OPD).
 
 The student's rollout is re-emitted for the teacher (its completion text re-tokenised by the teacher's
-tokenizer, its prompt rendered the teacher's way), the wrapped teacher scores that on its own
+tokenizer and closed with the teacher's end-of-turn token, its prompt rendered the teacher's way: from the
+data row with the teacher model's own chat template, see :func:`opd_megatron.data.render.render_prompt`,
+or, for the hand-written toy templates, by stripping the student's), the wrapped teacher scores that on its own
 tokenisation, and the boundary-agreement plan says, for every student completion token, which teacher
 row it is compared with and whether the two share a next-token event (KL) or only a context (ULD).
 Any teacher works inside: a co-located Megatron model of the teacher's vocabulary (dense targets) or a
@@ -18,7 +20,7 @@ from opd_megatron.data.jsonl import PromptRow
 from opd_megatron.teachers.base import Teacher, TeacherTargets, TopKTargets
 from opd_megatron.tokenization.alignment import Alignment, alignment_stats
 from opd_megatron.tokenization.base import Tokenizer
-from opd_megatron.tokenization.chat_templates import ChatTemplate, end_token_id
+from opd_megatron.tokenization.chat_templates import ChatTemplate, TemplateError, end_token_id
 from opd_megatron.tokenization.cross import PrefixProjector, plan_cross_tokenizer
 
 
@@ -65,6 +67,11 @@ class CrossTokenizerTeacher(Teacher):
         teacher_tpl: ChatTemplate,
         teacher_prompt=None,
     ):
+        if teacher_prompt is None and hasattr(student_tpl, "render_ids"):
+            raise TemplateError(
+                f"teacher {inner.name!r}: a prompt rendered with the student model's own chat template cannot be "
+                "stripped; pass teacher_prompt (the row rendered with the teacher's template by render_prompt)"
+            )
         self.name, self.inner = inner.name, inner
         self.student_tok, self.student_tpl = student_tok, student_tpl
         self.teacher_tok, self.teacher_tpl = teacher_tok, teacher_tpl
