@@ -32,15 +32,22 @@ class SFTExample(NamedTuple):
     loss_mask: list[int]
 
 
-def _describe(row: PromptRow) -> str:
-    prompt = row.prompt if len(row.prompt) <= 40 else row.prompt[:37] + "..."
-    return f"row (domain {row.domain!r}, prompt {prompt!r})"
-
-
 def encode_sft_example(
-    tokenizer: Tokenizer, row: PromptRow, max_len: int, *, truncate: bool = False, add_bos: bool = True
+    tokenizer: Tokenizer,
+    row: PromptRow,
+    max_len: int,
+    *,
+    truncate: bool = False,
+    add_bos: bool = True,
+    prompt_ids: list[int] | None = None,
+    end_id: int | None = None,
 ) -> SFTExample:
     """Encode ``[bos] + prompt + reference + [eos]`` with shifted labels and a completion-only loss mask.
+
+    For chat data pass the row's rendered prompt as ``prompt_ids`` (from
+    :func:`~opd_megatron.data.render.render_prompt`; ``add_bos`` is then ignored) and the template's
+    end-of-turn token as ``end_id`` (:func:`~opd_megatron.data.render.completion_end_ids`), so the model
+    learns to end its turn the way its template does; by default the completion ends with EOS.
 
     ``bos`` is added when ``add_bos`` and the tokenizer has one. Prompt and reference are encoded
     separately, as a rollout would produce them (prompt tokens, then sampled tokens), rather than as one
@@ -51,18 +58,19 @@ def encode_sft_example(
     ``max_len`` is an error even with ``truncate``, since the example would train nothing.
     """
     if row.reference is None:
-        raise DataError(f"{_describe(row)} has no reference; supervised fine-tuning needs one")
+        raise DataError(f"{row.where()} has no reference; supervised fine-tuning needs one")
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
-    prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    prompt_ids = prefix + tokenizer.encode(row.prompt)
-    completion_ids = tokenizer.encode(row.reference) + [tokenizer.eos_id]
+    if prompt_ids is None:
+        prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+        prompt_ids = prefix + tokenizer.encode(row.prompt)
+    completion_ids = tokenizer.encode(row.reference) + [tokenizer.eos_id if end_id is None else end_id]
     tokens = prompt_ids + completion_ids
     if len(tokens) > max_len:
         if not truncate or len(prompt_ids) >= max_len:
             why = "" if not truncate else " (truncation would leave no completion token)"
             raise DataError(
-                f"{_describe(row)} is {len(tokens)} tokens ({len(prompt_ids)} prompt + {len(completion_ids)} "
+                f"{row.where()} is {len(tokens)} tokens ({len(prompt_ids)} prompt + {len(completion_ids)} "
                 f"completion incl. EOS), longer than max_len={max_len}{why}; raise the sequence length, "
                 "shorten the row, or pass truncate=True"
             )

@@ -62,3 +62,21 @@ def test_collate_right_pads():
     assert batch["loss_mask"].sum(1).tolist() == [3, 5]
     with pytest.raises(ValueError, match="at least one"):
         collate([], pad_id=0)
+
+
+def test_chat_row_with_rendered_prompt_and_end_of_turn():
+    from opd_megatron.data.render import completion_end_ids, render_prompt
+    from opd_megatron.data.rows import Message
+    from opd_megatron.tokenization.chat_templates import get_template
+    from opd_megatron.tokenization.train_local import train_hf_bpe
+
+    tok = train_hf_bpe()
+    tpl = get_template("chatml")
+    row = PromptRow("Hi", "chat", reference="Hello.", messages=(Message("user", "Hi"),), source="c.jsonl:4")
+    prompt = render_prompt(tok, tpl, row)
+    end = completion_end_ids(tok, tpl)[0]
+    ex = encode_sft_example(tok, row, 64, prompt_ids=prompt, end_id=end)
+    assert ex.tokens == prompt + tok.encode("Hello.") + [end]
+    assert sum(ex.loss_mask) == len(tok.encode("Hello.")) + 1
+    with pytest.raises(DataError, match=r"^c\.jsonl:4 is \d+ tokens"):
+        encode_sft_example(tok, row, 8, prompt_ids=prompt, end_id=end)
