@@ -80,6 +80,7 @@ def plan_cross_tokenizer(
         alignments.append(a)
         aligned += a.mask
         rows, starts, prefix = covering_teacher_tokens(a)
+        _dummy_as_prefix(teacher_tok, t_completion, a, rows, prefix)
         index += [offset + u if u >= 0 else -1 for u in rows]
         context += starts
         prefixes += prefix
@@ -93,6 +94,25 @@ def plan_cross_tokenizer(
         torch.tensor(context, dtype=torch.bool),
         prefixes,
     )
+
+
+def _dummy_as_prefix(
+    teacher_tok: Tokenizer, t_ids: list[int], a: Alignment, rows: list[int], prefix: list[bytes]
+):
+    """A teacher with a dummy prefix (SentencePiece ``add_dummy_prefix``) starts its completion with a
+    token like ``"▁The"`` whose ``"▁"`` is no text (the alignment reads it as ``"The"``). Its prediction of
+    that token is over tokens that all carry the dummy space, so the student token it covers gets the dummy
+    as its consumed prefix: the projection then strips it (``"▁The"`` counts for the student's ``"The"``)."""
+    if not teacher_tok.dummy_prefix:
+        return
+    full = teacher_tok.token_bytes(t_ids)
+    k = next((j for j, b in enumerate(a.teacher_bytes) if b != full[j] or b), None)
+    if k is None or a.teacher_bytes[k] == full[k]:
+        return  # the first token with bytes kept its "▁": it is the text's own space
+    for t, (u, c) in enumerate(zip(rows, prefix)):
+        if u == k and c == b"" and a.student_bytes[t]:
+            prefix[t] = teacher_tok.dummy_prefix
+            return
 
 
 def covering_teacher_tokens(a: Alignment) -> tuple[list[int], list[bool], list[bytes]]:

@@ -109,3 +109,23 @@ def test_the_dummy_space_attributed_to_the_text_would_align_nothing(sp_pair, hf_
     no_dummy = align_completion(hf_tok, s_ids, sp_pair[False], sp_pair[False].encode(text))
     assert naive.rate == 0.0  # the "0 aligned tokens on 'The quick brown fox'" of the bug report
     assert fixed.rate >= no_dummy.rate > 0
+
+
+def test_projection_strips_the_teacher_dummy_at_the_first_completion_token(sp_pair, hf_tok):
+    from opd_megatron.tokenization.cross import PrefixProjector, plan_cross_tokenizer
+
+    sp = sp_pair[True]
+    tpl = get_template("plain")
+    text = "The quick brown fox"
+    s_ids = hf_tok.encode(text)
+    plan = plan_cross_tokenizer(
+        [[hf_tok.bos_id or hf_tok.eos_id]], [s_ids], hf_tok, tpl, sp, tpl, [[sp.bos_id]]
+    )
+    assert plan.prefix_N[0] == b" " and bool(plan.context_N[0])
+    first_teacher = plan.teacher_completion_ids[0][0]
+    assert sp.token_bytes([first_teacher]) == [b" The"]
+    projected = PrefixProjector(hf_tok, sp)(plan.prefix_N[0])
+    assert hf_tok.token_bytes([int(projected[first_teacher])]) == [b"The"]  # not the student's " The"
+    # Without a dummy prefix nothing changes.
+    plain = plan_cross_tokenizer([[sp.bos_id]], [s_ids], hf_tok, tpl, sp_pair[False], tpl, [[sp.bos_id]])
+    assert plain.prefix_N[0] == b""
