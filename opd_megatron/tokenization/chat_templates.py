@@ -1,4 +1,10 @@
-"""Chat templates: render a conversation to segments, strip rendered tokens back to turns, re-emit.
+"""Hand-written chat templates for the built-in toy tokenizers: render a conversation to segments, strip
+rendered tokens back to turns, re-emit.
+
+Real models use their own Jinja template instead (``tokenizer.chat_template: model``, see
+:mod:`~opd_megatron.tokenization.jinja_template`); the templates here are small copies of a few formats
+(ChatML, Llama-3, GLM, plain) for tokenizers that come without one, and they are what
+:func:`reemit` can strip off token ids.
 
 A rendered conversation is a list of :class:`Segment` s: template specials (``<|im_start|>``), template
 text (``"user\\n"``) and message content. Each segment is tokenised on its own, specials by id, so the
