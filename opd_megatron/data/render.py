@@ -15,6 +15,7 @@ A completion ends at :func:`completion_end_ids`: the template's end-of-turn toke
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from opd_megatron.data.rows import DataError, Message, PromptRow, RowErrors
@@ -22,7 +23,7 @@ from opd_megatron.tokenization.base import Tokenizer, TokenizerError
 from opd_megatron.tokenization.chat_templates import ChatTemplate, Turn, encode_segments, end_token_id
 from opd_megatron.tokenization.jinja_template import JinjaChatTemplate
 
-__all__ = ["completion_end_ids", "render_prompt", "render_prompts"]
+__all__ = ["completion_end_ids", "render_prompt", "render_prompts", "with_hint"]
 
 
 def render_prompt(
@@ -80,3 +81,17 @@ def completion_end_ids(tok: Tokenizer, template: ChatTemplate | JinjaChatTemplat
     """Token ids that end a completion: the template's end-of-turn token and EOS (one id when they are
     the same). The sampler stops on any of them."""
     return tuple(dict.fromkeys([end_token_id(tok, template), tok.eos_id]))
+
+
+def with_hint(row: PromptRow, hint: str | None) -> PromptRow:
+    """``row`` as a self-distillation teacher sees it: ``"<hint>\\n"`` before the prompt text (for a
+    ``messages`` row, before its last user message, so the rest of the conversation and the template stay
+    as the student sees them). No hint: the row itself."""
+    if not hint:
+        return row
+    if row.messages is None:
+        return dataclasses.replace(row, prompt=f"{hint}\n{row.prompt}")
+    last = max(i for i, m in enumerate(row.messages) if m.role == "user")
+    messages = list(row.messages)
+    messages[last] = Message("user", f"{hint}\n{messages[last].content}")
+    return dataclasses.replace(row, prompt=messages[last].content, messages=tuple(messages))

@@ -96,3 +96,15 @@ def test_hand_written_template_without_the_role_is_a_row_error():
     )
     with pytest.raises(DataError, match=r"^rows.parquet: row 3: template 'chatml' has no role 'tool'"):
         render_prompt(tok, get_template("chatml"), row)
+
+
+def test_with_hint_puts_the_hint_before_the_last_user_message():
+    from opd_megatron.data.render import with_hint
+
+    plain = PromptRow("add 1+2=", "addition", "3")
+    assert with_hint(plain, "3").prompt == "3\nadd 1+2=" and with_hint(plain, None) is plain
+    row = PromptRow(
+        "q2", "d", messages=(Message("user", "q1"), Message("assistant", "a1"), Message("user", "q2"))
+    )
+    hinted = with_hint(row, "hint")
+    assert [m.content for m in hinted.messages] == ["q1", "a1", "hint\nq2"] and hinted.prompt == "hint\nq2"
