@@ -41,7 +41,12 @@ MAX_REPORTED = 20
 
 
 class DataError(ValueError):
-    """A malformed data row or file, or a dataset that cannot be built as asked."""
+    """A malformed data row or file, or a dataset that cannot be built as asked. ``errors``: one
+    ``location: problem`` line per bad row when several rows were checked together."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = list(errors) if errors is not None else [message]
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,7 @@ class RowErrors:
         more = len(self.lines) - len(shown)
         tail = [f"... and {more} more"] if more else []
         summary = [f"{len(self.lines)} bad rows in {self.what}"] if len(self.lines) > 1 else []
-        err = DataError("\n".join([*shown, *tail, *summary]))
-        err.errors = list(self.lines)
-        raise err
+        raise DataError("\n".join([*shown, *tail, *summary]), self.lines)
 
 
 def _shown(value: object) -> str:

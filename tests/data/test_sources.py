@@ -212,3 +212,12 @@ def test_bad_paths_are_one_line_errors(tmp_path):
     ):
         read_rows(tmp_path / "dd")
     assert read_rows(tmp_path / "dd" / "train")[0].prompt == "add 001+002="
+
+
+def test_written_rows_read_back_the_same(tmp_path):
+    from opd_megatron.data.jsonl import write_jsonl
+
+    jsonl, _, _ = _write_all(tmp_path, RECORDS)
+    rows = read_rows(jsonl)
+    write_jsonl(tmp_path / "again.jsonl", rows)
+    assert read_rows(tmp_path / "again.jsonl") == rows
