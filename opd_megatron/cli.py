@@ -79,7 +79,7 @@ def cmd_sft(args) -> int:
 def cmd_run(args) -> int:
     path, overrides = _split_config(args)
     if path is None and not any(o.startswith("teachers") for o in overrides):
-        from opd_megatron.train.mopd_demo import run_mopd_demo
+        from opd_megatron.recipes.mopd_demo import run_mopd_demo
 
         return run_mopd_demo(None, overrides)
     cfg = load_config(path, overrides)

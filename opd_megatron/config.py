@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,29 @@ def _one_of(value: Any, allowed: tuple, path: str) -> None:
     _check(value in allowed, path, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
+_LITERALS: dict[type, dict[str, tuple]] = {}
+
+
+def _check_literals(obj: Any) -> None:
+    """Check every ``Literal[...]`` field of a config section (also ``Literal[...] | None``), so a
+    section built in Python is held to what YAML loading enforces."""
+    cls = type(obj)
+    if cls not in _LITERALS:
+        allowed = {}
+        for name, tp in typing.get_type_hints(cls).items():
+            args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+            lits = [a for a in args if typing.get_origin(a) is Literal]
+            if lits:
+                allowed[name] = typing.get_args(lits[0]) + ((None,) if type(None) in args else ())
+        _LITERALS[cls] = allowed
+    for name, options in _LITERALS[cls].items():
+        _one_of(getattr(obj, name), options, name)
+
+
+def _finite(value: float, path: str) -> None:
+    _check(math.isfinite(value), path, f"must be a finite number, got {value!r}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------
@@ -89,7 +113,7 @@ class TokenizerConfig:
     """Extra variables for the model's Jinja template, e.g. ``{enable_thinking: false}`` for Qwen3."""
 
     def __post_init__(self):
-        _one_of(self.kind, ("char", "sentencepiece", "tiktoken", "hf"), "kind")
+        _check_literals(self)
         _check(
             self.chat_template != "model" or self.kind == "hf",
             "chat_template",
@@ -139,6 +163,7 @@ class ModelConfig:
     """FP8 training through Transformer Engine's delayed-scaling recipe; needs CUDA and TE."""
 
     def __post_init__(self):
+        _check_literals(self)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
             _check(
                 int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}"
@@ -156,9 +181,6 @@ class ModelConfig:
             )
         if self.vocab_size is not None:
             _check(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
-        _one_of(self.params_dtype, ("fp32", "bf16", "fp16"), "params_dtype")
-        _one_of(self.transformer_impl, ("auto", "local", "transformer_engine"), "transformer_impl")
-        _one_of(self.fp8, (None, "e4m3", "hybrid"), "fp8")
 
     @property
     def ffn_size(self) -> int:
@@ -184,9 +206,9 @@ class ParallelConfig:
     """Collective timeout; a hang fails after this long instead of stalling forever."""
 
     def __post_init__(self):
+        _check_literals(self)
         _check(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
-        _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
 
     @property
     def tp(self) -> int:
@@ -234,9 +256,8 @@ class TeacherConfig:
     """For ``placement: self``: the hint the teacher sees before the prompt (the row's field)."""
 
     def __post_init__(self):
+        _check_literals(self)
         _check(bool(self.name), "name", "a teacher needs a non-empty name")
-        _one_of(self.privileged_source, ("reference", "privileged"), "privileged_source")
-        _one_of(self.placement, ("colocated", "remote", "self"), "placement")
         if self.placement == "remote":
             _check(bool(self.url), "url", f"teacher {self.name!r} is remote and needs a url")
         if self.placement == "colocated":
@@ -247,13 +268,17 @@ class TeacherConfig:
             )
         _check(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
         _check(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate}")
-        _one_of(self.dtype, ("fp32", "bf16"), "dtype")
-        _one_of(self.self_mode, ("frozen", "ema", "refresh"), "self_mode")
         _check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         _check(self.retries >= 0, "retries", f"must be >= 0, got {self.retries}")
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+
+SAMPLED_OBJECTIVES = ("tinker", "minillm", "gopd", "aopd", "rlsd")
+"""Objectives on the sampled tokens only (a policy gradient on the teacher/student log-ratio)."""
+OBJECTIVES = ("divergence", "opsd", *SAMPLED_OBJECTIVES)
+"""Every ``loss.objective``: the full-distribution ones (``divergence``; ``opsd``, the same with a
+per-token clip) and the sampled-token ones. The one registry of objective names."""
 
 
 @dataclass
@@ -273,8 +298,9 @@ class LossConfig:
     """Multiply the loss by T^2 (Hinton) so gradient size does not shrink with T."""
     chunk_size: int = 1024
     """Tokens per chunk in the fused vocab-parallel loss."""
-    objective: Literal["divergence", "minillm", "tinker", "gopd", "aopd", "opsd", "rlsd"] = "divergence"
-    """``divergence``: full-vocab fused divergence; the others are sampled-token objectives."""
+    objective: str = "divergence"
+    """One of :data:`OBJECTIVES`: ``divergence``, the full-vocab fused divergence; ``opsd``, the same
+    with a per-token clip; or a sampled-token objective (:data:`SAMPLED_OBJECTIVES`)."""
     topk: int = 20
     """k of the sparse top-k targets remote teachers return (their loss uses the top-k path)."""
     topk_tail: Literal["renorm", "rest"] = "renorm"
@@ -316,12 +342,12 @@ class LossConfig:
     """RLSD evidence-weight clip."""
 
     def __post_init__(self):
+        _check_literals(self)
         _one_of(self.divergence, DIVERGENCES, "divergence")
+        _one_of(self.objective, OBJECTIVES, "objective")
         for name in ("on_policy_lambda", "lambda_start", "mix_alpha"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, name, f"must be in [0, 1], got {v}")
-        _one_of(self.lambda_schedule, ("constant", "linear"), "lambda_schedule")
-        _one_of(self.off_policy_source, ("dataset", "teacher"), "off_policy_source")
         _check(self.lambda_ramp_steps >= 1, "lambda_ramp_steps", "must be >= 1")
         _check(0.0 <= self.discount <= 1.0, "discount", f"must be in [0, 1], got {self.discount}")
         _check(self.gopd_lambda > 0, "gopd_lambda", f"must be > 0, got {self.gopd_lambda}")
@@ -332,9 +358,6 @@ class LossConfig:
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _check(self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
         _check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
-        _one_of(self.topk_tail, ("renorm", "rest"), "topk_tail")
-        _one_of(self.uld_metric, ("l1", "w1"), "uld_metric")
-        _one_of(self.cross_kl, ("projected", "shared"), "cross_kl")
         for name in ("cross_kl_weight", "uld_weight"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
 
@@ -350,8 +373,13 @@ class RolloutConfig:
     """0 disables top-k filtering."""
     stop: list[str] = field(default_factory=list)
     samples_per_prompt: int = 1
+    """Completions sampled per prompt, in one generate call. They count in the batch: each data-parallel
+    rank takes ``train.micro_batch_size * train.grad_accumulation / samples_per_prompt`` prompts per
+    step. With more than one, each step logs ``pass@n``: the share of prompts (of verifiable domains)
+    with at least one correct on-policy sample."""
 
     def __post_init__(self):
+        _check_literals(self)
         _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -396,16 +424,23 @@ class TrainConfig:
     """Show a live progress bar (disabled automatically when output is not a terminal)."""
 
     def __post_init__(self):
+        _check_literals(self)
         _check(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
         _check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
         _check(self.grad_accumulation > 0, "grad_accumulation", f"must be > 0, got {self.grad_accumulation}")
+        _finite(self.lr, "lr")
+        _finite(self.min_lr, "min_lr")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        _one_of(self.lr_schedule, ("cosine", "linear", "constant"), "lr_schedule")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
-        _check(self.eval_every >= 0 and self.save_every >= 0, "eval_every", "must be >= 0")
+        _check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        _check(
+            self.save_every >= 0, "save_every", f"must be >= 0 (0: only at the end), got {self.save_every}"
+        )
+        for name in ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2"):
+            _finite(getattr(self, name), name)
 
 
 BUILTIN_DOMAINS = ("addition", "reversal", "sorting")
@@ -443,6 +478,7 @@ class DataConfig:
     """Domain size knob (number of digits / characters)."""
 
     def __post_init__(self):
+        _check_literals(self)
         _check(
             bool(self.domains) or bool(self.train_path), "domains", "no built-in domains and no train_path"
         )
@@ -456,7 +492,6 @@ class DataConfig:
             _check(
                 name in ROW_FIELDS, f"fields.{name}", f"not a row field; row fields: {', '.join(ROW_FIELDS)}"
             )
-        _one_of(self.extra_fields, ("error", "ignore"), "extra_fields")
         if self.default_domain is not None:
             _check(bool(self.default_domain.strip()), "default_domain", "must be a non-empty string")
         _check(self.train_size > 0 and self.eval_size > 0, "train_size", "sizes must be > 0")
@@ -483,7 +518,7 @@ class LaunchConfig:
     user: str | None = None
 
     def __post_init__(self):
-        _one_of(self.executor, ("local", "slurm"), "executor")
+        _check_literals(self)
         _check(self.nodes >= 1, "nodes", "must be >= 1")
         _check(self.gpus_per_node >= 1, "gpus_per_node", "must be >= 1")
         if self.tunnel == "ssh":
@@ -522,9 +557,7 @@ class MOPDConfig:
     """Consecutive steps aborted by a failing teacher before the run stops with that teacher's error."""
 
     def __post_init__(self):
-        _one_of(self.routing, ROUTINGS, "routing")
-        _one_of(self.confidence, ("logprob", "entropy"), "confidence")
-        _one_of(self.mixture_weights, ("fixed", "per_prompt", "per_token"), "mixture_weights")
+        _check_literals(self)
         _check(self.mixture_temperature > 0, "mixture_temperature", "must be > 0")
         _check(self.disagreement_every >= 0, "disagreement_every", "must be >= 0")
         _check(self.max_teacher_failures >= 1, "max_teacher_failures", "must be >= 1")
@@ -550,6 +583,7 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self):
+        _check_literals(self)
         tp, pp = self.parallel.tp, self.parallel.pp
         _check(
             self.model.num_attention_heads % tp == 0,
@@ -569,6 +603,121 @@ class RunConfig:
         names = [t.name for t in self.teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "teachers", f"teacher names must be unique; repeated: {', '.join(dup)}")
+        per_rank = self.train.micro_batch_size * self.train.grad_accumulation
+        _check(
+            per_rank % self.rollout.samples_per_prompt == 0,
+            "rollout.samples_per_prompt",
+            f"{self.rollout.samples_per_prompt} does not divide the rollouts per rank and step "
+            f"(train.micro_batch_size * train.grad_accumulation = {per_rank})",
+        )
+        _check(
+            self.rollout.max_new_tokens < self.model.max_sequence_length,
+            "rollout.max_new_tokens",
+            f"{self.rollout.max_new_tokens} leaves no room for a prompt in model.max_sequence_length="
+            f"{self.model.max_sequence_length}",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cross-section checks of a job (beyond each section's own and RunConfig's structural ones)
+# ----------------------------------------------------------------------------------------------------
+
+
+def validate_teachers(cfg: RunConfig) -> None:
+    """Static checks of the teacher set against the routing (no files or network touched); every
+    error names ``teachers[i]`` and the teacher."""
+    _check(bool(cfg.teachers), "teachers", "on-policy distillation needs at least one teacher")
+    m = cfg.mopd
+    names = [t.name for t in cfg.teachers]
+    _check(
+        m.default_teacher is None or m.default_teacher in names,
+        "mopd.default_teacher",
+        f"no teacher named {m.default_teacher!r}; teachers: {names}",
+    )
+    owners: dict[str, str] = {}
+    for i, t in enumerate(cfg.teachers):
+        where = f"teachers[{i}]"
+        _check(
+            not (t.placement == "self" and len(cfg.teachers) > 1),
+            f"{where}.placement",
+            f"teacher {t.name!r}: self-distillation takes a single teacher",
+        )
+        _check(
+            not (
+                m.routing == "mixture"
+                and len(cfg.teachers) > 1
+                and (t.placement != "colocated" or t.tokenizer)
+            ),
+            f"{where}.placement",
+            f"teacher {t.name!r}: mixture routing mixes full distributions over the student's vocabulary; "
+            "every teacher must be co-located with the student's tokenizer (route remote or "
+            "cross-tokeniser teachers with specialty, confidence or pass_rate routing)",
+        )
+        _check(
+            t.tokenizer is None or t.tensor_model_parallel_size in (None, cfg.parallel.tp),
+            f"{where}.tensor_model_parallel_size",
+            f"teacher {t.name!r}: a cross-tokeniser teacher runs at the student's TP size",
+        )
+        if m.routing == "specialty" and m.exclusive:
+            for d in t.domains:
+                _check(
+                    d not in owners,
+                    "teachers",
+                    f"domain {d!r} is claimed by teacher {owners.get(d)!r} and by teacher {t.name!r}; specialty "
+                    "routing is exclusive (set mopd.exclusive: false to let the first one win)",
+                )
+                owners[d] = t.name
+
+
+def validate_opd(cfg: RunConfig) -> None:  # noqa: C901
+    """Everything an OPD run needs of its config beyond the sections' own checks. Several teachers,
+    remote teachers and teachers of another tokenizer go through the MOPD orchestrator, which supports the
+    full-distribution objectives; the features that need one teacher's dense logits over the student's
+    vocabulary (sampled-token objectives, teacher-mixed sampling, teacher-sampled off-policy data) need
+    exactly one co-located (or self) teacher of the student's tokenizer."""
+    validate_teachers(cfg)
+    lc, t = cfg.loss, cfg.teachers[0]
+    single_dense = len(cfg.teachers) == 1 and t.placement != "remote" and t.tokenizer is None
+    needs = [
+        (lc.objective != "divergence", "loss.objective", f"objective {lc.objective!r}"),
+        (lc.mix_alpha > 0, "loss.mix_alpha", "teacher-mixed sampling"),
+        (
+            lc.on_policy_lambda < 1 and lc.off_policy_source == "teacher",
+            "loss.off_policy_source",
+            "teacher-sampled off-policy data",
+        ),
+    ]
+    for bad, path, what in needs:
+        _check(
+            not bad or single_dense,
+            path,
+            f"{what} needs exactly one co-located teacher with the student's tokenizer (got "
+            f"{len(cfg.teachers)} teacher(s), the first {t.placement!r}"
+            f"{' with its own tokenizer' if t.tokenizer else ''})",
+        )
+    _check(
+        not (
+            lc.objective in SAMPLED_OBJECTIVES
+            and (lc.on_policy_lambda < 1 or lc.lambda_schedule != "constant")
+        ),
+        "loss.on_policy_lambda",
+        f"the sampled-token objective {lc.objective!r} is on-policy; set it to 1.0",
+    )
+    _check(
+        not (lc.mix_alpha > 0 and t.placement == "self"),
+        "loss.mix_alpha",
+        "teacher-mixed sampling needs a teacher with the student's prompt view",
+    )
+    _check(
+        not (lc.mix_alpha > 0 and t.tensor_model_parallel_size not in (None, cfg.parallel.tp)),
+        "loss.mix_alpha",
+        "teacher-mixed sampling needs the teacher at the student's TP size",
+    )
+    _check(
+        not (lc.objective == "opsd" and lc.opsd_tau <= 0),
+        "loss.opsd_tau",
+        "objective 'opsd' needs a per-token clip tau > 0",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ STUDENT_WIDTH = "model.hidden_size=64"  # teacher: 2 layers x 128; student: 2 la
 
 def teacher_cfg(root: Path):
     from opd_megatron.config import load_config
-    from opd_megatron.train.opd_demo import teacher_config
+    from opd_megatron.recipes.opd_demo import teacher_config
 
     return load_config(
         None,
@@ -46,7 +46,7 @@ def teacher_cfg(root: Path):
 
 def student_warmup_cfg(root: Path):
     from opd_megatron.config import load_config
-    from opd_megatron.train.opd_demo import student_warmup_config
+    from opd_megatron.recipes.opd_demo import student_warmup_config
 
     return load_config(
         None,
@@ -57,7 +57,7 @@ def student_warmup_cfg(root: Path):
 
 def opd_cfg(root: Path, name: str, seed: int, steps: int, teacher: str, init: str, lam: float):
     from opd_megatron.config import load_config
-    from opd_megatron.train.opd_demo import opd_config
+    from opd_megatron.recipes.opd_demo import opd_config
 
     return load_config(
         None,
@@ -126,8 +126,8 @@ def sft_on_teacher_samples(root: Path, seed: int, steps: int, teacher: str, init
     from opd_megatron.models.checkpoint import load_model_weights
 
     load_model_weights(ckpt, trainer.student)
-    em, kl, _ = trainer.evaluate()
-    return {"exact_match": em[DOMAIN], "heldout_reverse_kl": kl}
+    rec = trainer.evaluate()
+    return {"exact_match": rec[f"exact_match/{DOMAIN}"], "heldout_reverse_kl": rec["heldout_reverse_kl"]}
 
 
 def main(argv=None) -> int:
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
     root = Path(args.out)
-    from opd_megatron.train.mopd_demo import cached_sft
+    from opd_megatron.recipes.mopd_demo import cached_sft
     from opd_megatron.train.opd import run_opd
     from opd_megatron.train.report import print_table
 

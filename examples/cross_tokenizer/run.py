@@ -43,12 +43,18 @@ def main() -> int:
 
     from opd_megatron.config import LossConfig, RolloutConfig, TeacherConfig, TokenizerConfig
     from opd_megatron.data.domains import build_datasets
+    from opd_megatron.recipes.mopd_demo import (
+        cached_sft,
+        data_config,
+        expert_model,
+        mopd_config,
+        student_model,
+    )
+    from opd_megatron.recipes.mopd_demo import student_warmup_config as warm_cfg
     from opd_megatron.tokenization import load_tokenizer
     from opd_megatron.tokenization.alignment import align_completion, alignment_stats
     from opd_megatron.tokenization.train_local import train_sentencepiece, train_tiktoken
     from opd_megatron.train.metrics import read_metrics
-    from opd_megatron.train.mopd_demo import cached_sft, data_config, expert_model, mopd_config, student_model
-    from opd_megatron.train.mopd_demo import student_warmup_config as warm_cfg
     from opd_megatron.train.opd import OPDTrainer
     from opd_megatron.train.report import print_table
 
@@ -142,7 +148,7 @@ def _teacher_scores(trainer, teacher_tok):
         teacher_tok,
         trainer.eval_rows,
         t.groups,
-        trainer.max_eval_tokens,
+        trainer.cfg.rollout.max_new_tokens,
         trainer.cfg.train.eval_samples,
     )
 

@@ -26,15 +26,15 @@ CONFIG = HERE / "remote_and_cross_tokenizer.yaml"
 def prepare(root: str) -> dict[str, str]:
     from opd_megatron.config import TokenizerConfig
     from opd_megatron.data.domains import build_datasets
-    from opd_megatron.tokenization import load_tokenizer
-    from opd_megatron.tokenization.train_local import train_tiktoken
-    from opd_megatron.train.mopd_demo import (
+    from opd_megatron.recipes.mopd_demo import (
         DOMAINS,
         cached_sft,
         data_config,
         expert_config,
         student_warmup_config,
     )
+    from opd_megatron.tokenization import load_tokenizer
+    from opd_megatron.tokenization.train_local import train_tiktoken
 
     experts = {d: str(cached_sft(expert_config(root, d))) for d in DOMAINS}
     warm = str(cached_sft(student_warmup_config(root)))

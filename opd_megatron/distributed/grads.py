@@ -76,3 +76,19 @@ def all_finite(value: float | torch.Tensor, groups: ParallelGroups) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag)
     return flag.item() == 0.0
+
+
+def dp_sum(value: float, groups: ParallelGroups) -> float:
+    """``value`` summed over the data-parallel replicas (e.g. the step's global token count)."""
+    if groups.dp_size == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=groups.device)
+    dist.all_reduce(t, group=groups.dp_group)
+    return float(t.item())
+
+
+def dp_sum_(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """Sum ``t`` over the data-parallel replicas in place."""
+    if groups.dp_size > 1:
+        dist.all_reduce(t, group=groups.dp_group)
+    return t

@@ -30,7 +30,6 @@ from opd_megatron.losses.fused_kl import (
     loss_kwargs,
 )
 from opd_megatron.losses.objectives import (
-    OBJECTIVES,
     ObjectiveOutput,
     aopd_loss,
     discounted_suffix_sum,
@@ -55,7 +54,6 @@ from opd_megatron.losses.topk import (
 
 __all__ = [
     "DIVERGENCES",
-    "OBJECTIVES",
     "REDUCTIONS",
     "TAILS",
     "FusedDivergenceOutput",

@@ -23,7 +23,6 @@ from opd_megatron.losses.reduce import as_weights, masked_reduce
 from opd_megatron.losses.topk import topk_divergence
 
 __all__ = [
-    "OBJECTIVES",
     "ObjectiveOutput",
     "discounted_suffix_sum",
     "policy_gradient_loss",
@@ -34,8 +33,6 @@ __all__ = [
     "opsd_loss",
     "rlsd_loss",
 ]
-
-OBJECTIVES = ("minillm", "tinker", "gopd", "aopd", "opsd", "rlsd")
 
 
 class ObjectiveOutput(NamedTuple):

@@ -22,11 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
+from opd_megatron.losses.target_losses import mixture_logprobs, teacher_logprobs
 from opd_megatron.losses.topk import gather_logprobs
 from opd_megatron.losses.tp import all_reduce
-from opd_megatron.teachers.base import TeacherTargets, TopKTargets
-from opd_megatron.teachers.cross import CrossTokenizerTargets
-from opd_megatron.train.target_loss import mixture_logprobs, teacher_logprobs
+from opd_megatron.targets import CrossTokenizerTargets, TeacherTargets, TopKTargets
 
 
 def _entropy(logprobs_NV: torch.Tensor, group) -> torch.Tensor:

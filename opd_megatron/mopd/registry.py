@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 
-from opd_megatron.config import ConfigError, RunConfig, TeacherConfig
+from opd_megatron.config import ConfigError, RunConfig, TeacherConfig, validate_teachers
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.checkpoint import read_meta, resolve_checkpoint
-from opd_megatron.mopd.routing import SpecialtyRouter
 from opd_megatron.teachers.base import Teacher, TeacherError
 from opd_megatron.teachers.colocated import build_colocated_teacher
 from opd_megatron.teachers.cross import CrossTokenizerTeacher
@@ -29,39 +28,15 @@ def default_teacher(cfg: RunConfig) -> str:
 
 
 def validate_mopd_config(cfg: RunConfig) -> None:
-    """Static checks of the teacher set against the routing (no files or network touched)."""
-    if not cfg.teachers:
-        raise ConfigError("teachers", "on-policy distillation needs at least one teacher")
-    m = cfg.mopd
-    names = [t.name for t in cfg.teachers]
-    if m.default_teacher is not None and m.default_teacher not in names:
-        raise ConfigError(
-            "mopd.default_teacher", f"no teacher named {m.default_teacher!r}; teachers: {names}"
-        )
+    """The static checks of the teacher set (:func:`~opd_megatron.config.validate_teachers`), and the
+    environment variables holding the services' tokens."""
+    validate_teachers(cfg)
     for i, t in enumerate(cfg.teachers):
-        where = f"teachers[{i}]"
-        if t.placement == "self" and len(cfg.teachers) > 1:
-            raise ConfigError(
-                f"{where}.placement", f"teacher {t.name!r}: self-distillation takes a single teacher"
-            )
-        if m.routing == "mixture" and len(cfg.teachers) > 1 and (t.placement != "colocated" or t.tokenizer):
-            raise ConfigError(
-                f"{where}.placement",
-                f"teacher {t.name!r}: mixture routing mixes full distributions over the student's vocabulary; "
-                "every teacher must be co-located with the student's tokenizer (route remote or "
-                "cross-tokeniser teachers with specialty, confidence or pass_rate routing)",
-            )
-        if t.tokenizer is not None and t.tensor_model_parallel_size not in (None, cfg.parallel.tp):
-            raise ConfigError(
-                f"{where}.tensor_model_parallel_size",
-                f"teacher {t.name!r}: a cross-tokeniser teacher runs at the student's TP size",
-            )
         if t.token_env and t.placement == "remote" and t.token_env not in os.environ:
             raise ConfigError(
-                f"{where}.token_env", f"teacher {t.name!r}: environment variable {t.token_env} is not set"
+                f"teachers[{i}].token_env",
+                f"teacher {t.name!r}: environment variable {t.token_env} is not set",
             )
-    if m.routing == "specialty":
-        SpecialtyRouter({t.name: t.domains for t in cfg.teachers}, default_teacher(cfg), m.exclusive)
 
 
 def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:

@@ -11,50 +11,15 @@ order (``loss_mask == 1``, row-major), so the two line up whatever prompt the te
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-
-import torch
 
 from opd_megatron.data.jsonl import PromptRow
+from opd_megatron.targets import CrossTokenizerTargets, TeacherTargets, TopKTargets
+
+__all__ = ["Teacher", "TeacherError", "TeacherTargets", "TopKTargets"]
 
 
 class TeacherError(RuntimeError):
     """A teacher failed to score (unreachable, bad output); the message names the teacher."""
-
-
-@dataclass
-class TeacherTargets:
-    """Per-token teacher scores for the fused loss, present on the last pipeline stage only."""
-
-    hidden_NH: torch.Tensor
-    """Teacher pre-lm-head hidden states, one row per completion token."""
-    weight_VH: torch.Tensor
-    """The teacher's output-layer shard on this TP rank (same vocabulary split as the student's)."""
-
-    def logits_NV(self) -> torch.Tensor:
-        """This rank's teacher logits shard (for the sampled-token objectives; small batches only)."""
-        return self.hidden_NH.float() @ self.weight_VH.float().t()
-
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.hidden_NH).all())
-
-
-@dataclass
-class TopKTargets:
-    """Sparse per-token teacher scores (remote teachers): the teacher's top-k over its whole vocabulary,
-    one row per completion token, for :func:`~opd_megatron.losses.topk.topk_distillation_loss`."""
-
-    topk_ids_NK: torch.Tensor
-    """``[N, k]`` global vocabulary ids, most likely first."""
-    topk_logprobs_NK: torch.Tensor
-    """``[N, k]`` the teacher's normalised log-probs of those ids (temperature 1)."""
-    token_logprobs_N: torch.Tensor
-    """``[N]`` the teacher's log-prob of the sampled token (for the sampled-token objectives)."""
-
-    def finite(self) -> bool:
-        return bool(
-            torch.isfinite(self.topk_logprobs_NK).all() and torch.isfinite(self.token_logprobs_N).all()
-        )
 
 
 class Teacher(abc.ABC):
@@ -63,7 +28,7 @@ class Teacher(abc.ABC):
     @abc.abstractmethod
     def score(
         self, rows: list[PromptRow], prompt_ids: list[list[int]], completion_ids: list[list[int]]
-    ) -> TeacherTargets | TopKTargets | None:
+    ) -> TeacherTargets | TopKTargets | CrossTokenizerTargets | None:
         """Score every completion token; collective over the teacher's TP/PP groups. Returns the targets
         on the last pipeline stage and ``None`` on the others (dense hidden states from a co-located
         teacher, sparse top-k from a remote one)."""

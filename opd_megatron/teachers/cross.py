@@ -12,43 +12,13 @@ scoring service (top-k targets).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
 from opd_megatron.data.jsonl import PromptRow
-from opd_megatron.teachers.base import Teacher, TeacherTargets, TopKTargets
-from opd_megatron.tokenization.alignment import Alignment, alignment_stats
+from opd_megatron.losses.uld import shared_vocab
+from opd_megatron.targets import CrossTokenizerTargets, TeacherTargets
+from opd_megatron.teachers.base import Teacher
 from opd_megatron.tokenization.base import Tokenizer
 from opd_megatron.tokenization.chat_templates import ChatTemplate, TemplateError, end_token_id
 from opd_megatron.tokenization.cross import PrefixProjector, plan_cross_tokenizer
-
-
-@dataclass
-class CrossTokenizerTargets:
-    """Targets of a cross-tokeniser teacher for one micro-batch (last pipeline stage)."""
-
-    inner: TeacherTargets | TopKTargets
-    """The wrapped teacher's targets, one row per *teacher* completion token (row-major)."""
-    aligned_N: torch.Tensor
-    """Bool per student completion token (row-major): both tokenisations end a token here and agree on
-    the context, so the KL applies."""
-    teacher_index_N: torch.Tensor
-    """Long per student completion token: the row of ``inner`` it is compared with, -1 for none."""
-    teacher_completion_ids: list[list[int]]
-    alignments: list[Alignment]
-    context_N: torch.Tensor | None = None
-    """Bool per student completion token: it starts where its teacher token starts (same context on both
-    sides); None means the same as ``aligned_N``."""
-    prefix_N: list[bytes] | None = None
-    """Per student completion token: bytes of its teacher token emitted before it (``b""`` at context
-    positions); None means all empty."""
-
-    def finite(self) -> bool:
-        return self.inner.finite()
-
-    def stats(self) -> dict[str, float]:
-        return alignment_stats(self.alignments)
 
 
 class CrossTokenizerTeacher(Teacher):
@@ -78,11 +48,10 @@ class CrossTokenizerTeacher(Teacher):
         self.teacher_prompt = teacher_prompt
         self.projector = PrefixProjector(student_tok, teacher_tok, self.end_pairs())
         """Teacher distribution -> the student's next token (see the projected cross-tokeniser loss)."""
+        self.shared_ids = shared_vocab(student_tok, teacher_tok, self.end_pairs())
+        """(student ids, teacher ids) of the exact vocabulary intersection (the ``shared`` cross KL)."""
         self.calls = 0
         self.tokens_scored = 0
-        self.alignments: list[Alignment] = []
-        """Alignments of the rollouts scored since :meth:`pop_alignments` (every rank computes them, so
-        whichever rank logs can read them)."""
 
     def end_pairs(self) -> tuple[tuple[int, int], ...]:
         """(student id, teacher id) of the tokens that end a completion on each side: re-emission turns
@@ -92,10 +61,6 @@ class CrossTokenizerTeacher(Teacher):
             end_token_id(self.teacher_tok, self.teacher_tpl),
         )
         return ((s_end, t_end), (self.student_tok.eos_id, t_end))
-
-    def pop_alignments(self) -> list[Alignment]:
-        out, self.alignments = self.alignments, []
-        return out
 
     @property
     def model(self):
@@ -107,7 +72,9 @@ class CrossTokenizerTeacher(Teacher):
 
     def score(
         self, rows: list[PromptRow], prompt_ids: list[list[int]], completion_ids: list[list[int]]
-    ) -> CrossTokenizerTargets | None:
+    ) -> CrossTokenizerTargets:
+        """The plan on every rank (alignment statistics travel with the targets); the wrapped teacher's
+        targets inside on the last pipeline stage, ``None`` there elsewhere."""
         plan = plan_cross_tokenizer(
             prompt_ids,
             completion_ids,
@@ -117,13 +84,13 @@ class CrossTokenizerTeacher(Teacher):
             self.teacher_tpl,
             teacher_prompt_ids=[self.teacher_prompt(r) for r in rows] if self.teacher_prompt else None,
         )
-        self.alignments += plan.alignments
         inner = self.inner.score(rows, plan.teacher_prompt_ids, plan.teacher_completion_ids)
         self.calls += 1
         self.tokens_scored += sum(len(c) for c in completion_ids)
         if inner is None:
-            return None
-        device = inner.hidden_NH.device if isinstance(inner, TeacherTargets) else inner.topk_ids_NK.device
+            device = "cpu"
+        else:
+            device = inner.hidden_NH.device if isinstance(inner, TeacherTargets) else inner.topk_ids_NK.device
         return CrossTokenizerTargets(
             inner,
             plan.aligned_N.to(device),
@@ -132,4 +99,7 @@ class CrossTokenizerTeacher(Teacher):
             plan.alignments,
             plan.context_N.to(device),
             plan.prefix_N,
+            teacher_vocab=self.teacher_tok.vocab_size,
+            projector=self.projector,
+            shared_ids=self.shared_ids,
         )

@@ -12,18 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
 from opd_megatron.distributed import ParallelGroups
-from opd_megatron.distributed.grads import all_finite, clip_grads, grad_norm, sync_grads
+from opd_megatron.distributed.grads import all_finite, clip_grads, dp_sum_, grad_norm, sync_grads
 from opd_megatron.distributed.pipeline import broadcast_from_last_stage
+from opd_megatron.train.batch import MicroBatch
 
 
 def forward_backward(
     model,
-    microbatches: list[dict],
-    forward_fn: Callable[[object, dict], torch.Tensor],
-    loss_fn: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]],
+    microbatches: list[MicroBatch],
+    forward_fn: Callable[[object, MicroBatch], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict]],
     groups: ParallelGroups,
     global_tokens: int,
     metric_keys: tuple[str, ...] = (),
@@ -64,8 +64,8 @@ def forward_backward(
         data_iterator=iter(microbatches),
         model=[model],
         num_microbatches=len(microbatches),
-        seq_length=microbatches[0]["tokens"].shape[1],
-        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        seq_length=microbatches[0].tokens.shape[1],
+        micro_batch_size=microbatches[0].tokens.shape[0],
         forward_only=forward_only,
         pg_collection=groups.pg_collection,
         p2p_communicator=p2p,
@@ -73,8 +73,7 @@ def forward_backward(
     sums = None
     if groups.is_last_stage:
         sums = torch.stack(list(results)).sum(0).to(groups.device)  # [len(keys)]
-        if groups.dp_size > 1:
-            dist.all_reduce(sums, group=groups.dp_group)
+        dp_sum_(sums, groups)
     sums = broadcast_from_last_stage(sums, (len(keys),), torch.float64, groups)
     values = dict(zip(keys, sums.tolist()))
     return values.pop("loss_sum") / norm, values

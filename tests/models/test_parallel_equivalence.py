@@ -67,6 +67,7 @@ def _loaded(groups, ckpt, tp, pp, tie):
 def _train_step(model, groups):
     """One SFT optimizer step over two micro-batches: (loss, grad norm, loss after the step)."""
     from opd_megatron.config import TrainConfig
+    from opd_megatron.train.batch import MicroBatch
     from opd_megatron.train.optim import build_optimizer
     from opd_megatron.train.sft import sft_forward, sft_loss
     from opd_megatron.train.step import forward_backward, optimizer_step
@@ -77,11 +78,8 @@ def _train_step(model, groups):
     mask = torch.ones_like(tokens, dtype=torch.float32)
     mask[:, :4] = 0  # prompt positions carry no loss
     labels = torch.roll(tokens, -1, dims=1)
-    mbs = [
-        {"tokens": tokens[i : i + 2], "labels": labels[i : i + 2], "loss_mask": mask[i : i + 2]}
-        for i in (0, 1)
-    ]
-    total = int(sum(mb["loss_mask"].sum() for mb in mbs))
+    mbs = [MicroBatch(tokens[i : i + 2], labels[i : i + 2], mask[i : i + 2]) for i in (0, 1)]
+    total = int(sum(mb.loss_mask.sum() for mb in mbs))
     loss, metrics = forward_backward(model, mbs, sft_forward, sft_loss, groups, total, ("tokens",))
     norm, skipped = optimizer_step(model, optimizer, groups, loss, max_norm=1.0)
     assert not skipped and metrics["tokens"] == total

@@ -89,13 +89,13 @@ def _routed_run(rank, out, experts, warm):
 
     trainer = OPDTrainer(_mopd_cfg(out, _teachers(experts), warm, 150, 32, disagreement_every=20))
     seen = {name: [] for name in trainer.teachers}
-    score_mb = trainer.orch._score_mb
+    score_mb = trainer.orch.score_microbatch
 
     def spy(mb):  # the routed scoring of a micro-batch (the disagreement metric scores with every teacher)
-        seen[mb["teacher_name"]] += [r.domain for r in mb["rows"]]
+        seen[mb.teacher_name] += [r.domain for r in mb.rows]
         return score_mb(mb)
 
-    trainer.orch._score_mb = spy
+    trainer.orch.score_microbatch = spy
     result = trainer.run()
     return {
         "seen": seen,
@@ -105,6 +105,7 @@ def _routed_run(rank, out, experts, warm):
     }
 
 
+@pytest.mark.slow
 def test_each_rollout_goes_to_its_expert_and_mopd_improves_both_domains(tmp_path, ckpts):
     experts, warm = ckpts
     r = run_ranks(_routed_run, 1, timeout=600, args=(str(tmp_path), experts, warm))[0]
@@ -143,6 +144,7 @@ def _mixture_and_confidence(rank, out, experts, warm):
     return out_rec
 
 
+@pytest.mark.slow
 def test_mixture_confidence_and_pass_rate_routing_train(tmp_path, ckpts):
     experts, warm = ckpts
     r = run_ranks(_mixture_and_confidence, 1, timeout=600, args=(str(tmp_path), experts, warm))[0]

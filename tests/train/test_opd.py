@@ -91,6 +91,7 @@ def _opd_run(rank, out, ckpts):
     return r.kl_before, r.kl_after, r.skipped_steps
 
 
+@pytest.mark.slow
 def test_opd_lowers_heldout_reverse_kl(tmp_path, teacher_ckpt):
     kl_before, kl_after, skipped = run_ranks(_opd_run, 1, timeout=500, args=(str(tmp_path), teacher_ckpt))[0]
     assert skipped == 0
@@ -215,6 +216,7 @@ def _variants(rank, root, ckpts):
     return out
 
 
+@pytest.mark.slow
 def test_every_objective_and_sampling_variant_trains(tmp_path, teacher_ckpt):
     results = run_ranks(_variants, 1, timeout=500, args=(str(tmp_path), teacher_ckpt))[0]
     assert set(results) == set(VARIANTS)
@@ -225,3 +227,42 @@ def test_every_objective_and_sampling_variant_trains(tmp_path, teacher_ckpt):
         assert moved, f"{name}: the parameters did not change"
     assert results["distillm-ramp-skew"][0][0]["lambda"] == 0.0  # off-policy first ...
     assert results["distillm-ramp-skew"][0][1]["lambda"] == 0.5  # ... then ramping towards on-policy
+
+
+def _samples_per_prompt(rank, out, ckpts):
+    from opd_megatron.config import load_config
+    from opd_megatron.data.domains import verify
+    from opd_megatron.train.opd import OPDTrainer
+
+    cfg = load_config(
+        None,
+        ["rollout.samples_per_prompt=4"],
+        base=_student_cfg(out, ckpts[0], steps=1, init_checkpoint=ckpts[1]),
+    )
+    trainer = OPDTrainer(cfg)
+    calls = []
+    real_generate = trainer.sampler.generate
+
+    def spy(prompts, params, mix_with=None):
+        ro = real_generate(prompts, params, mix_with=mix_with)
+        calls.append((prompts, ro.completion_ids))
+        return ro
+
+    trainer.sampler.generate = spy
+    rec = trainer.train_step(0)
+    (prompts, comps), rows = calls[0], []
+    for i in range(0, len(prompts), 4):  # the hand count: a prompt passes if any of its 4 samples verifies
+        row = next(r for r in trainer.train_rows if trainer.prompt_fn(r) == prompts[i])
+        rows.append(any(verify(row, trainer.tokenizer.decode(c)) for c in comps[i : i + 4]))
+    return len(calls), prompts, rec, sum(rows) / len(rows)
+
+
+def test_samples_per_prompt_samples_each_prompt_n_times_in_one_call_with_pass_at_n(tmp_path, teacher_ckpt):
+    n_calls, prompts, rec, hand = run_ranks(
+        _samples_per_prompt, 1, timeout=300, args=(str(tmp_path), teacher_ckpt)
+    )[0]
+    assert n_calls == 1 and len(prompts) == 16  # the batch counts rollouts: 4 prompts x 4 samples
+    for i in range(0, 16, 4):
+        assert prompts[i] == prompts[i + 1] == prompts[i + 2] == prompts[i + 3]
+    assert len({tuple(p) for p in prompts}) == 4
+    assert rec["pass@4"] == pytest.approx(hand)

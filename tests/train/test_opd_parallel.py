@@ -78,8 +78,8 @@ def _save(rank, root):
 
 
 def _step(rank, root, tp, pp, teacher_tp=None):
+    from opd_megatron.train.batch import DataCursor
     from opd_megatron.train.opd import OPDTrainer
-    from opd_megatron.train.sft import DataCursor
 
     trainer = OPDTrainer(_cfgs(root, tp, pp, teacher_tp)[1])
     first = trainer.train_step(0)

@@ -62,6 +62,7 @@ def _straight_and_resumed(rank, root):
     return _losses(str(straight)), _losses(str(resumed))
 
 
+@pytest.mark.slow
 def test_sft_raises_held_out_exact_match(tmp_path):
     (before, after) = run_ranks(_learn, 1, timeout=400, args=(str(tmp_path),))[0]
     assert before <= 0.1

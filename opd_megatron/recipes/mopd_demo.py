@@ -213,11 +213,15 @@ def run_mopd_demo(path: str | None, overrides: list[str], root: str = ROOT) -> i
     tr = trainers["MOPD (routed experts)"]
     limit = tr.cfg.train.eval_samples
     em = {
-        name: exact_match(t.model, tr.tokenizer, tr.eval_rows, tr.groups, tr.max_eval_tokens, limit)
+        name: exact_match(
+            t.model, tr.tokenizer, tr.eval_rows, tr.groups, tr.cfg.rollout.max_new_tokens, limit
+        )
         for name, t in tr.teachers.items()
     }
     g = trainers["single generalist teacher"].teachers["generalist"]
-    em["generalist"] = exact_match(g.model, tr.tokenizer, tr.eval_rows, tr.groups, tr.max_eval_tokens, limit)
+    em["generalist"] = exact_match(
+        g.model, tr.tokenizer, tr.eval_rows, tr.groups, tr.cfg.rollout.max_new_tokens, limit
+    )
     mopd = results["MOPD (routed experts)"]
     columns = [*(f"{d}-expert" for d in DOMAINS), "generalist", "student before", *runs]
     rows = []

@@ -7,9 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from opd_megatron.config import LossConfig
-from opd_megatron.teachers.base import TeacherTargets, TopKTargets
-from opd_megatron.teachers.cross import CrossTokenizerTargets
-from opd_megatron.train.target_loss import (
+from opd_megatron.losses.target_losses import (
     cross_loss,
     dense_loss,
     mixture_logprobs,
@@ -17,6 +15,7 @@ from opd_megatron.train.target_loss import (
     teacher_logprobs,
     topk_loss,
 )
+from opd_megatron.targets import CrossTokenizerTargets, TeacherTargets, TopKTargets
 
 N, H, V = 6, 8, 10
 

@@ -2,7 +2,7 @@
 ``examples/compare_on_off_policy/run.py``): a 4-layer SFT teacher, a 2-layer student warm-started by a
 short SFT so its first rollouts are not noise, and the on-policy distillation between them with the
 full-vocabulary reverse KL on the student's own samples. Train them with
-:func:`~opd_megatron.train.mopd_demo.cached_sft` (a second run reuses the checkpoints).
+:func:`~opd_megatron.recipes.mopd_demo.cached_sft` (a second run reuses the checkpoints).
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 
 from opd_megatron.config import LossConfig
-from opd_megatron.losses import fused_linear_divergence, loss_kwargs, topk_distillation_loss
 from opd_megatron.losses.divergences import divergence
+from opd_megatron.losses.fused_kl import fused_linear_divergence, loss_kwargs
+from opd_megatron.losses.topk import topk_distillation_loss
 from opd_megatron.losses.tp import global_logsumexp, vocab_range
 from opd_megatron.losses.uld import cross_tokenizer_loss, projected_logprobs, uld
-from opd_megatron.teachers.base import TeacherTargets, TopKTargets
-from opd_megatron.teachers.cross import CrossTokenizerTargets
+from opd_megatron.targets import CrossTokenizerTargets, MixtureTargets, TeacherTargets, TopKTargets
 
 LossParts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -38,10 +38,10 @@ MIN_PREFIX_MASS = 1e-3
 noise (the teacher did not expect the student's split) and the position falls back to ULD."""
 
 
-def _fused(hidden_NH, weight_VH, weights_N, lc: LossConfig, group, vocab, clip=None, **teacher) -> LossParts:
-    """The fused vocab-parallel divergence with ``lc``'s settings; ``teacher`` is its teacher side
-    (hidden states and output layer, or a logits shard)."""
-    out = fused_linear_divergence(
+def fused_against(hidden_NH, weight_VH, weights_N, lc: LossConfig, group, vocab, clip=None, **teacher):
+    """The fused vocab-parallel divergence with ``lc``'s settings (its per-token values included);
+    ``teacher`` is its teacher side, see :func:`teacher_side`."""
+    return fused_linear_divergence(
         hidden_NH,
         weight_VH,
         **teacher,
@@ -55,15 +55,26 @@ def _fused(hidden_NH, weight_VH, weights_N, lc: LossConfig, group, vocab, clip=N
         # forward saves the two recomputed lm-head matmuls at the same peak memory.
         recompute=False,
     )
+
+
+def _parts(out) -> LossParts:
     return out.loss, out.per_token.detach().sum(), out.top1_agree.float().sum()
+
+
+def teacher_side(tgt: TeacherTargets | MixtureTargets, lc: LossConfig, group, vocab: int) -> dict:
+    """The fused loss's teacher arguments for a dense target: the teacher's hidden states and output
+    layer, or, for a mixture, the mixture's log-probs shard (scaled by T: the fused loss divides teacher
+    logits by T again, so its softmax gives ``p_mix``)."""
+    if isinstance(tgt, TeacherTargets):
+        return {"teacher_hidden_TH": tgt.hidden_NH, "teacher_weight_VH": tgt.weight_VH}
+    lp = [teacher_logprobs(t, group, vocab, lc.temperature) for t in tgt.parts]
+    return {"teacher_logits_TV": mixture_logprobs(lp, tgt.weights_MN) * lc.temperature}
 
 
 def dense_loss(hidden_NH, weight_VH, tgt: TeacherTargets, weights_N, lc: LossConfig, group, vocab, clip=None):
     """Fused divergence against one co-located teacher of the student's vocabulary."""
-    return _fused(
-        hidden_NH, weight_VH, weights_N, lc, group, vocab, clip,
-        teacher_hidden_TH=tgt.hidden_NH, teacher_weight_VH=tgt.weight_VH,
-    )  # fmt: skip
+    teacher = teacher_side(tgt, lc, group, vocab)
+    return _parts(fused_against(hidden_NH, weight_VH, weights_N, lc, group, vocab, clip, **teacher))
 
 
 def teacher_logprobs(tgt: TeacherTargets, group, vocab: int, temperature: float = 1.0) -> torch.Tensor:
@@ -84,10 +95,8 @@ def mixture_logprobs(logprobs_MNV: list[torch.Tensor], weights_MN: torch.Tensor)
 
 def mixture_loss(hidden_NH, weight_VH, tgts: list[TeacherTargets], weights_MN, token_w_N, lc, group, vocab):
     """Fused divergence against the weighted mixture of several same-vocabulary teachers."""
-    lp = [teacher_logprobs(t, group, vocab, lc.temperature) for t in tgts]
-    # The fused loss divides teacher logits by T again; hand it T * log p_mix so softmax gives p_mix.
-    mix_NV = mixture_logprobs(lp, weights_MN) * lc.temperature
-    return _fused(hidden_NH, weight_VH, token_w_N, lc, group, vocab, teacher_logits_TV=mix_NV)
+    teacher = teacher_side(MixtureTargets(list(tgts), weights_MN), lc, group, vocab)
+    return _parts(fused_against(hidden_NH, weight_VH, token_w_N, lc, group, vocab, **teacher))
 
 
 def topk_loss(hidden_NH, weight_VH, tgt: TopKTargets, weights_N, lc: LossConfig, group, vocab) -> LossParts:
@@ -111,11 +120,11 @@ def topk_loss(hidden_NH, weight_VH, tgt: TopKTargets, weights_N, lc: LossConfig,
     )
     live_N = weights_N > 0  # metrics count tokens, unweighted, like the fused path
     per_token_N = torch.where(live_N, out.per_token / torch.where(live_N, weights_N, 1.0), 0.0)
-    agree = (_argmax(logits_NV.detach(), group, vocab) == tgt.topk_ids_NK[:, 0]) & live_N
+    agree = (global_argmax(logits_NV.detach(), group, vocab) == tgt.topk_ids_NK[:, 0]) & live_N
     return out.loss, per_token_N.sum(), agree.float().sum()
 
 
-def _argmax(logits_NV, group, vocab) -> torch.Tensor:
+def global_argmax(logits_NV, group, vocab) -> torch.Tensor:
     """Global argmax over a TP-split vocabulary (ties: the lowest id)."""
     start, n_valid = vocab_range(logits_NV.shape[-1], group, vocab)
     local = logits_NV[:, :n_valid]

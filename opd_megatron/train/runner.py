@@ -1,0 +1,168 @@
+"""The run skeleton shared by SFT and OPD: resume, rank state, metrics, preemption, eval/save cadence.
+
+A job subclasses :class:`TrainingRun` and supplies its model, optimizer and data cursor (set in its
+constructor) and three methods: ``train_step(step) -> record``, ``evaluate() -> record`` and
+``describe(start) -> str``. Everything a checkpoint holds is written here, in one place:
+
+- the model's weights (Megatron distributed checkpoint, reshardable), plus ``extra_models()``;
+- this rank's state (:meth:`TrainingRun.rank_state`): optimizer, torch RNG, data position, skip counters;
+- the run config and the tokenizer.
+
+Resume restores exactly that, so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd_megatron.config import RunConfig, save_config
+from opd_megatron.distributed import ParallelGroups
+from opd_megatron.models.checkpoint import (
+    latest_checkpoint,
+    load_model_weights,
+    load_rank_state,
+    read_meta,
+    save_checkpoint,
+)
+from opd_megatron.train.batch import DataCursor
+from opd_megatron.train.metrics import MetricsLogger, Progress
+from opd_megatron.train.preemption import PreemptionHandler
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports: the first and last evaluation records, the final checkpoint."""
+
+    steps: int
+    first_eval: dict
+    last_eval: dict
+    checkpoint: Path
+    wall_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+class TrainingRun:
+    """Owns the cadence of one training job; subclasses own what a step and an evaluation are."""
+
+    kind: str = "run"
+    """The job kind (``sft``, ``opd``): progress label, and recorded with checkpoints."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cursor: DataCursor
+    tokenizer: object
+
+    def __init__(self, cfg: RunConfig, groups: ParallelGroups):
+        self.cfg, self.tc, self.groups = cfg, cfg.train, groups
+        self.out_dir = Path(cfg.train.output_dir)
+        self.skipped: dict[str, int] = {}
+        """Steps skipped, by reason (saved with the rank state, reported at the end)."""
+
+    # ------------------------------------------------------------------ what subclasses supply
+    def train_step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def describe(self, start: int) -> str:
+        raise NotImplementedError
+
+    def progress_info(self, rec: dict) -> str:
+        return f"loss {rec['loss']:.4f}" if "loss" in rec else rec.get("reason", "")
+
+    def extra_models(self) -> dict | None:
+        """Further models saved with the weights (e.g. a self-distillation teacher), by sub-directory."""
+        return None
+
+    def on_resume(self, ckpt: Path) -> None:
+        """Restore what :meth:`extra_models` saved."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def rank_state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "data": self.cursor.state(),
+            "skipped": dict(self.skipped),
+        }
+
+    def load_rank_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.cursor = DataCursor(self.cursor.n, self.cursor.seed, **state["data"])
+        self.skipped.update(state.get("skipped", {}))
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(
+            self.out_dir / "checkpoints",
+            step,
+            self.model,
+            self.groups,
+            config=self.cfg,
+            tokenizer=self.tokenizer,
+            rank_state=self.rank_state(),
+            keep_last=self.tc.keep_last,
+            extra_models=self.extra_models(),
+        )
+
+    def resume(self) -> int:
+        """Load the latest checkpoint of this run's output directory (when ``train.resume``); returns
+        the step to continue from (0 for a fresh start)."""
+        ckpt = latest_checkpoint(self.out_dir / "checkpoints") if self.tc.resume else None
+        if ckpt is None:
+            return 0
+        load_model_weights(ckpt, self.model)
+        self.on_resume(ckpt)
+        self.load_rank_state(load_rank_state(ckpt, self.groups))
+        return read_meta(ckpt)["step"]
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunSummary:
+        t_start = time.monotonic()
+        g, tc = self.groups, self.tc
+        start = self.resume()
+        if g.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "config.yaml")
+            print(self.describe(start), flush=True)
+        metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume=start > 0)
+        preempt = PreemptionHandler.install()
+        first = self.evaluate() if start == 0 else {}
+        if first:
+            metrics.log("eval", 0, first)
+        progress = Progress(
+            tc.steps, f"{self.kind} {self.cfg.name}", enabled=g.is_main and tc.progress, start=start,
+            log_every=tc.log_every,
+        )  # fmt: skip
+        history = []
+        for step in range(start, tc.steps):
+            rec = self.train_step(step)
+            metrics.log("train", step + 1, rec)
+            history.append(rec)
+            progress.update(step + 1, self.progress_info(rec))
+            done = step + 1
+            if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
+                metrics.log("eval", done, self.evaluate())
+            if tc.save_every and done % tc.save_every == 0 and done < tc.steps:
+                self.save(done)
+            if preempt.sync(None) and done < tc.steps:
+                progress.close()
+                ckpt = self.save(done)
+                metrics.log("preempted", done, {"checkpoint": str(ckpt)})
+                metrics.close()
+                preempt.finish(ckpt)
+        progress.close()
+        last = self.evaluate()
+        metrics.log("eval", tc.steps, last)
+        ckpt = self.save(tc.steps)
+        metrics.close()
+        return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
+
+
+def domain_values(record: dict, prefix: str) -> dict[str, float]:
+    """``{domain: value}`` of the ``prefix/<domain>`` entries of an evaluation record."""
+    return {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith(prefix + "/")}
