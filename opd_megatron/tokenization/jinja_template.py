@@ -147,8 +147,13 @@ def template_for(tok, name: str):
     chat = getattr(tok, "chat", None)
     if chat is None:
         where = getattr(tok, "hf_dir", None)
+        if where is None:
+            raise TemplateError(
+                f"chat_template 'model': {tok!r} was not loaded from a Hugging Face tokenizer directory; point "
+                "tokenizer.path at the directory (tokenizer.json + tokenizer_config.json), not a file"
+            )
         raise TemplateError(
-            f"chat_template 'model': the tokenizer{f' at {where}' if where else ''} has no chat template "
+            f"chat_template 'model': the tokenizer at {where} has no chat template "
             "(expected chat_template.jinja or a chat_template entry in tokenizer_config.json)"
         )
     return chat

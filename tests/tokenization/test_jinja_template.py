@@ -132,3 +132,11 @@ def test_saved_copy_keeps_the_template(tmp_path, hf_dirs):
     messages = CONVERSATIONS[1]
     assert again.chat.render_ids(messages) == tok.chat.render_ids(messages)
     assert (again.eos_id, again.chat.end_token) == (tok.eos_id, "<|im_end|>")
+
+
+def test_model_template_needs_the_directory_not_the_file(hf_dirs):
+    from opd_megatron.config import TokenizerConfig
+
+    tok = load_tokenizer(TokenizerConfig(kind="hf", path=str(hf_dirs["chatml"] / "tokenizer.json")))
+    with pytest.raises(TemplateError, match="point tokenizer.path at the directory"):
+        template_for(tok, "model")
