@@ -23,7 +23,7 @@ from opd_megatron.tokenization.base import Tokenizer, TokenizerError
 from opd_megatron.tokenization.chat_templates import ChatTemplate, Turn, encode_segments, end_token_id
 from opd_megatron.tokenization.jinja_template import JinjaChatTemplate
 
-__all__ = ["completion_end_ids", "render_prompt", "render_prompts", "with_hint"]
+__all__ = ["PromptRenderer", "completion_end_ids", "render_prompt", "render_prompts", "with_hint"]
 
 
 def render_prompt(
@@ -95,3 +95,32 @@ def with_hint(row: PromptRow, hint: str | None) -> PromptRow:
     messages = list(row.messages)
     messages[last] = Message("user", f"{hint}\n{messages[last].content}")
     return dataclasses.replace(row, prompt=messages[last].content, messages=tuple(messages))
+
+
+@dataclasses.dataclass
+class PromptRenderer:
+    """One model's prompt rendering, bound once: ``renderer(row)`` is :func:`render_prompt` with this
+    tokenizer, template and template variables (what a trainer keeps as its ``prompt_fn``)."""
+
+    tok: Tokenizer
+    template: ChatTemplate | JinjaChatTemplate
+    template_kwargs: Mapping = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, tok: Tokenizer, cfg) -> PromptRenderer:
+        """From a :class:`~opd_megatron.config.TokenizerConfig` (``chat_template``, ``template_kwargs``)."""
+        from opd_megatron.tokenization.jinja_template import template_for
+
+        return cls(tok, template_for(tok, cfg.chat_template), dict(cfg.template_kwargs))
+
+    def __call__(self, row: PromptRow) -> list[int]:
+        return render_prompt(self.tok, self.template, row, self.template_kwargs)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Ids that end a completion (:func:`completion_end_ids`)."""
+        return completion_end_ids(self.tok, self.template)
+
+    def check(self, rows: Sequence[PromptRow], max_prompt_tokens: int | None = None, limit: str = ""):
+        """:func:`render_prompts` of ``rows``: the start-up check (every row renders and fits)."""
+        return render_prompts(self.tok, self.template, rows, self.template_kwargs, max_prompt_tokens, limit)

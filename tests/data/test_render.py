@@ -108,3 +108,23 @@ def test_with_hint_puts_the_hint_before_the_last_user_message():
     )
     hinted = with_hint(row, "hint")
     assert [m.content for m in hinted.messages] == ["q1", "a1", "hint\nq2"] and hinted.prompt == "hint\nq2"
+
+
+def test_prompt_renderer_from_config(hf_dirs):
+    from opd_megatron.config import TokenizerConfig
+    from opd_megatron.data.render import PromptRenderer
+
+    cfg = TokenizerConfig(
+        kind="hf",
+        path=str(hf_dirs["chatml"]),
+        chat_template="model",
+        template_kwargs={"enable_thinking": False},
+    )
+    tok = load_tokenizer(cfg)
+    render = PromptRenderer.from_config(tok, cfg)
+    assert render(CHAT) == render_prompt(tok, template_for(tok, "model"), CHAT, {"enable_thinking": False})
+    assert render.end_ids == (tok.special_token_id("<|im_end|>"),)
+    assert render.check([CHAT]) == [render(CHAT)]
+    toy = PromptRenderer.from_config(CharTokenizer(), TokenizerConfig())
+    row = PromptRow("add 1+2=", "addition")
+    assert toy(row) == [toy.tok.bos_id, *toy.tok.encode("add 1+2=")] and toy.end_ids == (toy.tok.eos_id,)
