@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from opd_megatron.config import ConfigError, RunConfig, TeacherConfig, validate_teachers
+from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.checkpoint import read_meta, resolve_checkpoint
 from opd_megatron.teachers.base import Teacher, TeacherError
@@ -20,7 +21,7 @@ from opd_megatron.teachers.cross import CrossTokenizerTeacher
 from opd_megatron.teachers.remote import RemoteTeacher, RemoteTeacherClient
 from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.tokenization.base import Tokenizer, TokenizerError
-from opd_megatron.tokenization.chat_templates import get_template
+from opd_megatron.tokenization.jinja_template import template_for
 
 
 def default_teacher(cfg: RunConfig) -> str:
@@ -45,10 +46,11 @@ def _same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def build_teacher(
-    i: int, tcfg: TeacherConfig, cfg: RunConfig, groups: ParallelGroups, student_tok: Tokenizer, prompt_fn
+    i: int, tcfg: TeacherConfig, cfg: RunConfig, groups: ParallelGroups, student_tok: Tokenizer
 ) -> Teacher:
     """One teacher of ``cfg.teachers[i]`` (``placement`` colocated or remote), wrapped for cross-tokeniser
-    scoring when it has its own ``tokenizer``. ``prompt_fn(tokenizer, text)`` renders a prompt."""
+    scoring when it has its own ``tokenizer`` (its prompts then rendered from the row with its own chat
+    template)."""
     where = f"teachers[{i}]"
     try:
         teacher_tok = load_tokenizer(tcfg.tokenizer) if tcfg.tokenizer is not None else None
@@ -99,19 +101,15 @@ def build_teacher(
     return CrossTokenizerTeacher(
         inner,
         student_tok,
-        get_template(cfg.tokenizer.chat_template),
+        template_for(student_tok, cfg.tokenizer.chat_template),
         teacher_tok,
-        get_template(tcfg.tokenizer.chat_template),
-        teacher_prompt=lambda row: prompt_fn(teacher_tok, row.prompt),
+        template_for(teacher_tok, tcfg.tokenizer.chat_template),
+        teacher_prompt=PromptRenderer.from_config(teacher_tok, tcfg.tokenizer),
     )
 
 
-def build_teachers(
-    cfg: RunConfig, groups: ParallelGroups, student_tok: Tokenizer, prompt_fn
-) -> dict[str, Teacher]:
+def build_teachers(cfg: RunConfig, groups: ParallelGroups, student_tok: Tokenizer) -> dict[str, Teacher]:
     """All teachers of the run by name, in config order (self-distillation teachers are built by the
     trainer, which owns the student they copy)."""
     validate_mopd_config(cfg)
-    return {
-        t.name: build_teacher(i, t, cfg, groups, student_tok, prompt_fn) for i, t in enumerate(cfg.teachers)
-    }
+    return {t.name: build_teacher(i, t, cfg, groups, student_tok) for i, t in enumerate(cfg.teachers)}

@@ -30,8 +30,21 @@ from opd_megatron.train.objectives import DenseObjective
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A plain prompt's ids: BOS, then the text (the built-in templates' rendering of a ``prompt`` row)."""
     ids = tokenizer.encode(prompt)
     return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+
+
+def check_prompts(render, train_rows, eval_rows: dict, cfg) -> None:
+    """Every row renders and leaves room for ``rollout.max_new_tokens`` in the context: checked before
+    training, every bad row named (file and line) in one ``DataError``."""
+    limit_tokens = cfg.model.max_sequence_length - cfg.rollout.max_new_tokens
+    rows = list(train_rows) + [r for rs in eval_rows.values() for r in rs]
+    limit = (
+        f"model.max_sequence_length={cfg.model.max_sequence_length} - "
+        f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+    )
+    render.check(rows, max_prompt_tokens=limit_tokens, limit=limit)
 
 
 def exact_match(
@@ -42,9 +55,13 @@ def exact_match(
     max_new_tokens: int,
     limit: int,
     batch_size: int = 64,
+    prompt_fn=None,
+    end_id: int | None = None,
 ) -> dict[str, float]:
     """Fraction of rows per domain whose greedy completion the verifier accepts (every rank computes the
-    same value; generation is collective across TP/PP)."""
+    same value; generation is collective across TP/PP). ``prompt_fn(row)`` renders a prompt (default: the
+    plain rendering); completions end at ``end_id`` (default: EOS)."""
+    prompt_fn = prompt_fn or (lambda r: prompt_ids(tokenizer, r.prompt))
     scores = {}
     for domain, rows in rows_by_domain.items():
         rows = rows[:limit]
@@ -53,9 +70,9 @@ def exact_match(
             chunk = rows[i : i + batch_size]
             outs = greedy_generate(
                 model,
-                [prompt_ids(tokenizer, r.prompt) for r in chunk],
+                [prompt_fn(r) for r in chunk],
                 max_new_tokens,
-                tokenizer.eos_id,
+                tokenizer.eos_id if end_id is None else end_id,
                 tokenizer.pad_id,
                 groups,
             )
@@ -64,7 +81,9 @@ def exact_match(
     return scores
 
 
-def measure_pass_rates(teachers: dict, eval_rows, student_tok, max_new_tokens: int, limit: int):
+def measure_pass_rates(
+    teachers: dict, eval_rows, student_tok, max_new_tokens: int, limit: int, prompt_fn=None
+):
     """``{domain: {teacher: greedy exact match}}`` of every co-located teacher on the held-out split (the
     validation table of pass-rate routing). Remote teachers only score, so their rows must be configured."""
     table: dict[str, dict[str, float]] = {d: {} for d in eval_rows}
@@ -78,7 +97,10 @@ def measure_pass_rates(teachers: dict, eval_rows, student_tok, max_new_tokens: i
         cross = isinstance(t, CrossTokenizerTeacher)
         inner = t.inner if cross else t
         tok = t.teacher_tok if cross else student_tok
-        for d, v in exact_match(inner.model, tok, eval_rows, inner.groups, max_new_tokens, limit).items():
+        render = t.teacher_prompt if cross else prompt_fn
+        for d, v in exact_match(
+            inner.model, tok, eval_rows, inner.groups, max_new_tokens, limit, prompt_fn=render
+        ).items():
             table[d][name] = v
     return table
 
@@ -96,8 +118,9 @@ class OPDEvaluator:
     def __call__(self) -> dict:
         t = self.t
         em = exact_match(
-            t.student, t.tokenizer, t.eval_rows, t.groups, t.cfg.rollout.max_new_tokens, self.limit
-        )
+            t.student, t.tokenizer, t.eval_rows, t.groups, t.cfg.rollout.max_new_tokens, self.limit,
+            prompt_fn=t.prompt_fn, end_id=t.prompt_fn.end_ids[0],
+        )  # fmt: skip
         pk = self.pass_at_k(self.pass_k) if self.pass_k else {}
         record = {"heldout_reverse_kl": self.heldout_kl(), **{f"exact_match/{d}": v for d, v in em.items()}}
         record.update({f"heldout_reverse_kl/{d}": v for d, v in self.kl_by_domain.items()})

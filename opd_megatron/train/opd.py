@@ -23,6 +23,7 @@ import torch
 
 from opd_megatron.config import RunConfig, validate_opd
 from opd_megatron.data.domains import build_datasets
+from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups, init_distributed
 from opd_megatron.distributed.grads import all_finite, dp_sum
 from opd_megatron.models.checkpoint import load_model_weights
@@ -38,7 +39,7 @@ from opd_megatron.teachers.base import TeacherError
 from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.tokenization.alignment import alignment_stats
 from opd_megatron.train.batch import DataCursor, MicroBatch, OPDBatch, opd_microbatch
-from opd_megatron.train.evaluate import OPDEvaluator, measure_pass_rates, prompt_ids
+from opd_megatron.train.evaluate import OPDEvaluator, check_prompts, measure_pass_rates
 from opd_megatron.train.objectives import METRIC_KEYS, Objectives
 from opd_megatron.train.optim import build_optimizer, lr_at, set_lr
 from opd_megatron.train.rollouts import RolloutSource
@@ -75,13 +76,15 @@ class OPDTrainer(TrainingRun):
         super().__init__(cfg, groups or init_distributed(cfg.parallel, cfg.train.seed))
         self.lc, g = cfg.loss, self.groups
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.prompt_fn = lambda row: prompt_ids(self.tokenizer, row.prompt)
+        self.prompt_fn = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)
+        """Row -> prompt ids, under the student's chat template (the model's own, or a built-in one)."""
         self.train_rows, self.eval_rows = build_datasets(cfg.data)
+        check_prompts(self.prompt_fn, self.train_rows, self.eval_rows, cfg)
         vocab = self.tokenizer.vocab_size
         self.student = self.model = build_gpt_model(cfg.model, g, vocab, seed=cfg.train.seed)
         if self.tc.init_checkpoint:
             load_model_weights(self.tc.init_checkpoint, self.student)
-        self.teachers = build_run_teachers(cfg, g, self.tokenizer, self.student, prompt_ids)
+        self.teachers = build_run_teachers(cfg, g, self.tokenizer, self.student, self.prompt_fn)
         self.teacher = self.teachers[default_teacher(cfg)]
         """The default teacher: the one of single-teacher features (mixed sampling, off-policy samples)."""
         pass_rates = None
@@ -103,7 +106,9 @@ class OPDTrainer(TrainingRun):
             self.reference = MegatronTeacher("reference", ref, g, self.tokenizer.pad_id)
         self.scorer = MegatronTeacher("student", self.student, g, self.tokenizer.pad_id)
         tok = self.tokenizer
-        self.sampler = MegatronSampler(self.student, g, eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok)
+        # Completions end at the template's end-of-turn token (EOS for the built-in templates).
+        end_id = self.prompt_fn.end_ids[0]
+        self.sampler = MegatronSampler(self.student, g, eos_id=end_id, pad_id=tok.pad_id, tokenizer=tok)
         self.rollouts = RolloutSource(
             self.sampler, tok, self.prompt_fn, self.lc, SamplingParams.from_config(cfg.rollout), self.tc.seed
         )

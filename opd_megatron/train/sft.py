@@ -17,6 +17,8 @@ import torch
 from opd_megatron.config import RunConfig
 from opd_megatron.data.batching import encode_sft_example
 from opd_megatron.data.domains import build_datasets
+from opd_megatron.data.render import PromptRenderer
+from opd_megatron.data.rows import DataError, RowErrors
 from opd_megatron.distributed import ParallelGroups, init_distributed
 from opd_megatron.models.checkpoint import load_model_weights
 from opd_megatron.models.gpt import build_gpt_model, num_parameters
@@ -56,6 +58,9 @@ class SFTRun(TrainingRun):
         super().__init__(cfg, groups or init_distributed(cfg.parallel, cfg.train.seed))
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.train_rows, self.eval_rows = build_datasets(cfg.data)
+        self.render = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)
+        """Row -> prompt ids under the model's chat template; completions end at its end-of-turn token."""
+        self.examples = self.encode_all()
         self.model = build_gpt_model(cfg.model, self.groups, self.tokenizer.vocab_size, seed=cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
@@ -78,16 +83,32 @@ class SFTRun(TrainingRun):
 
     def evaluate(self) -> dict:
         em = exact_match(
-            self.model, self.tokenizer, self.eval_rows, self.groups, self.max_new, self.tc.eval_samples
-        )
+            self.model, self.tokenizer, self.eval_rows, self.groups, self.max_new, self.tc.eval_samples,
+            prompt_fn=self.render, end_id=self.render.end_ids[0],
+        )  # fmt: skip
         return {f"exact_match/{d}": v for d, v in em.items()}
+
+    def encode_all(self) -> list:
+        """Every training row as an SFT example, encoded before training starts: a row that does not
+        render or does not fit the context is reported (with every other bad row) before any step."""
+        end_id, max_len = self.render.end_ids[0], self.cfg.model.max_sequence_length
+        errors, out = RowErrors("the training data"), []
+        for row in self.train_rows:
+            try:
+                out.append(
+                    encode_sft_example(
+                        self.tokenizer, row, max_len, prompt_ids=self.render(row), end_id=end_id
+                    )
+                )
+            except DataError as e:  # the message names the row already
+                errors.lines.append(str(e))
+        errors.raise_if_any()
+        return out
 
     def microbatches(self, step_rows: list[int]) -> tuple[list[MicroBatch], int]:
         """This DP rank's micro-batches of the step's rows, and the step's global completion tokens."""
         tc, g, tok = self.tc, self.groups, self.tokenizer
-        examples = [
-            encode_sft_example(tok, self.train_rows[i], self.cfg.model.max_sequence_length) for i in step_rows
-        ]
+        examples = [self.examples[i] for i in step_rows]
         global_tokens = sum(sum(e.loss_mask) for e in examples)
         width = max(len(e[0]) for e in examples)  # one width for all micro-batches: PP shapes must match
         per_rank = tc.micro_batch_size * tc.grad_accumulation

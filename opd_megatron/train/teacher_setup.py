@@ -4,6 +4,7 @@ the student that sees the row's privileged text."""
 from __future__ import annotations
 
 from opd_megatron.config import RunConfig
+from opd_megatron.data.rows import PromptRow
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.gpt import build_gpt_model, num_parameters
 from opd_megatron.mopd import build_teachers
@@ -13,19 +14,20 @@ from opd_megatron.teachers.cross import CrossTokenizerTeacher
 
 
 def build_run_teachers(
-    cfg: RunConfig, groups: ParallelGroups, tokenizer, student, prompt_fn
+    cfg: RunConfig, groups: ParallelGroups, tokenizer, student, render
 ) -> dict[str, Teacher]:
-    """Teachers by name in config order. ``prompt_fn(tokenizer, text)`` renders a prompt."""
+    """Teachers by name in config order. ``render(row)`` gives the student's prompt ids (a
+    self-distillation teacher sees its privileged text rendered the same way, as one user turn)."""
     t = cfg.teachers[0]
     if t.placement != "self":
-        return build_teachers(cfg, groups, tokenizer, prompt_fn)
+        return build_teachers(cfg, groups, tokenizer)
     model = build_gpt_model(cfg.model, groups, tokenizer.vocab_size, frozen=True)
     teacher = SelfTeacher(
         t.name,
         model,
         groups,
         tokenizer.pad_id,
-        lambda text: prompt_fn(tokenizer, text),
+        lambda text: render(PromptRow(prompt=text, domain="")),
         mode=t.self_mode,
         ema_rate=t.ema_rate,
         refresh_every=t.refresh_every,
