@@ -4,36 +4,37 @@ The student's output layer is a ColumnParallelLinear: rank ``r`` holds rows ``[r
 the weight. Instead of materialising logits ``[T, V]`` (or even ``[T, V/n]``) this loss walks over
 chunks of ``C`` tokens and, per chunk,
 
-1. computes the chunk's logits shard ``h_C @ W^T`` (and the teacher's, or slices the teacher's
-   given logits shard), upcast to fp32, divided by the temperature;
-2. gets each side's log-normaliser: all-reduce the max over the TP group, then the sum of
-   ``exp(logit - max)``; ``lse = max + log(sum)``;
-3. sums the divergence terms of its vocabulary shard (:mod:`~opd_megatron.losses.pointwise`); the
-   per-token partial sums are all-reduced once at the end.
+1. computes the chunk's logits shard ``s = h_C @ W^T`` (and the teacher's ``t``, or copies the rows
+   of the teacher's given logits shard);
+2. per block of rows: gets each side's log-probs, ``log q = (s - max) / tau - log sum exp(...)``,
+   with the max and the sum of exponentials all-reduced over the TP group;
+3. sums the divergence terms of its vocabulary shard (:mod:`~opd_megatron.losses.pointwise`) and forms
+   ``dD/ds = g - q * sum(g)`` (one all-reduce of ``[R]``), written over the block's logits;
+4. ``grad_h = dD/ds @ W`` (all-reduced over TP once at the end, since every rank's shard contributes)
+   and ``grad_W += dD/ds^T @ h``.
 
-Only per-token statistics are kept (``lse`` of both sides, the divergence): backward recomputes each
-chunk's logits and forms ``dD/ds = g - q * sum(g)`` (one all-reduce of ``[C]`` per chunk), then
-``grad_h = dD/ds @ W`` (all-reduced over TP, since every rank's shard contributes) and
-``grad_W += dD/ds^T @ h``. Peak extra memory is a handful of ``[C, V/n]`` fp32 buffers plus the
-``[V/n, H]`` fp32 weight-gradient accumulator, on every rank, whatever ``T`` is.
+The gradients are formed during forward, right after each chunk's loss, and held until backward (as
+Liger's chunked losses do): the loss is backpropagated right after it is computed in a training step,
+so holding ``grad_W`` ``[V/n, H]`` and ``grad_h`` ``[T, H]`` for that moment costs nothing extra
+against forming them in backward. Matmul count: 4 lm-head-sized matmuls (student logits, teacher
+logits, ``grad_h``, ``grad_W``), the floor. (Recomputing the chunk logits in backward instead takes 6,
+so at least 1.5x the floor, for the same peak memory; tools/bench/RESULTS_fused_kl.md.)
 
-``recompute=False`` instead computes the gradients during forward, right after the loss of each
-chunk, and keeps ``grad_h`` ``[T, H]`` and ``grad_W`` ``[V/n, H]`` until backward (as Liger's chunked
-losses do). That saves the two recomputed matmuls (student and teacher logits) at the cost of holding
-the weight gradient between forward and backward. Matmul count: the floor (student logits, teacher
-logits, ``grad_h``, ``grad_W``) is 4 lm-head-sized matmuls; ``recompute=False`` does those 4,
-``recompute=True`` does 6, so it cannot run faster than 1.5x the floor. The peak memory is the same
-(the ``[V/n, H]`` accumulator exists in both, only for longer in the first), so use
-``recompute=False`` whenever the loss is backpropagated right after it is computed, which is the
-case in a training step (tools/bench/bench_fused_kl.py measures both).
+Blocks. On one CPU process (no TP) the softmax and divergence work of step 2-3 runs on blocks of a few
+rows (:func:`block_rows`, about 1 MiB per buffer) rather than on the whole chunk: the ~25 elementwise
+passes then read and write cache, not memory, and the per-block work buffers are small. Peak extra
+memory is then the ``[C, V/n]`` student buffer (plus one for the teacher's logits when it is given as
+hidden states), the ``[V/n, H]`` weight-gradient accumulator and ``grad_h``. On a GPU, or under TP
+(where every block costs collectives), a block is the whole chunk: six ``[C, V/n]`` buffers.
 
 Tokens with mask weight 0 are dropped before any matmul (prompt tokens cost nothing), so an all-masked
 batch gives a zero loss and zero gradients. Padded vocabulary rows (global index >= ``vocab_size``)
 are excluded on both sides: their logits are never computed and their weight gradient is 0.
 
 Inputs in bf16/fp16: the matmuls run in the input dtype (fp32 accumulation inside the GEMM) and the
-logits are upcast; softmax, divergence, per-token sums and the weight-gradient accumulation across
-chunks are fp32 (fp64 for fp64 inputs, which is what gradcheck uses).
+logits are upcast; softmax, divergence, per-token sums, the loss weights (``mask / normaliser``) and the
+weight-gradient accumulation across chunks are fp32 (fp64 for fp64 inputs, which is what gradcheck
+uses).
 """
 
 from __future__ import annotations
@@ -79,12 +80,18 @@ class _Spec:
     chunk_size: int
     vocab_size: int | None
     token_clip: float | None
-    grad_in_forward: bool
+    grads: bool
+
+
+_CACHE_BLOCK = 1 << 18
+"""Elements per ``[R, V/tp]`` work buffer of a CPU block (1 MiB in fp32): the block's five buffers stay
+in a core's L2 (2 MiB here) and the shared L3 (tools/bench/bench_fused_kl.py ``--block``)."""
 
 
 def auto_chunk_size(local_vocab: int, budget_elements: int = 1 << 25) -> int:
     """Tokens per chunk such that one ``[C, V/tp]`` fp32 buffer holds about ``budget_elements``
-    (128 MiB by default; the loss keeps six, so about 768 MiB in all). At least 16, a multiple of 16.
+    (128 MiB by default; the loss keeps one or two of them on one CPU process, six on a GPU or
+    under TP). At least 16, a multiple of 16.
 
     Larger chunks make the matmuls more efficient (on CPU, 1024 tokens instead of 128 at V = 131072
     saves about a quarter of the time) at a memory cost linear in the chunk."""
@@ -108,18 +115,27 @@ def loss_kwargs(cfg) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+def block_rows(chunk: int, local_vocab: int, device: torch.device, group) -> int:
+    """Rows of a chunk whose softmax and divergence work runs in one go (see the module docstring).
+
+    On one CPU process a block of about ``_CACHE_BLOCK`` elements per buffer keeps the ~25 elementwise
+    passes in cache; elsewhere the whole chunk is one block (a GPU streams it at full bandwidth, and
+    under TP every block costs three collectives)."""
+    if device.type != "cpu" or tp_size(group) > 1:
+        return chunk
+    return max(1, min(chunk, _CACHE_BLOCK // max(local_vocab, 1)))
+
+
 def _take(x: torch.Tensor, rows: torch.Tensor | None, c0: int, c1: int) -> torch.Tensor:
     """Rows ``c0:c1`` of the loss tokens: a view when every token is kept, else a gather."""
     return x[c0:c1] if rows is None else x.index_select(0, rows[c0:c1])
 
 
-def _logits_into(out_CV: torch.Tensor, h_CH: torch.Tensor, w_VH: torch.Tensor, inv_temp: float) -> None:
+def _logits_into(out_CV: torch.Tensor, h_CH: torch.Tensor, w_VH: torch.Tensor) -> None:
     if h_CH.dtype == out_CV.dtype:
         torch.matmul(h_CH, w_VH.t(), out=out_CV)
     else:
         out_CV.copy_(h_CH @ w_VH.t())
-    if inv_temp != 1.0:
-        out_CV.mul_(inv_temp)
 
 
 class _Inputs(NamedTuple):
@@ -143,66 +159,74 @@ def _inputs(hidden, weight, t_hidden, t_weight, t_logits, rows_N, n_valid: int) 
     )
 
 
-def _chunk_logits(x: _Inputs, c0: int, c1: int, s_CV, t_CV, inv_temp: float) -> tuple[torch.Tensor, bool]:
-    """Fill the student and teacher logits of chunk ``c0:c1``; returns the student hidden rows and
-    whether the teacher logits hold -inf (only possible for given teacher logits)."""
-    h_CH = _take(x.hidden, x.rows, c0, c1)
-    _logits_into(s_CV, h_CH, x.weight, inv_temp)
-    if x.t_logits is None:
-        _logits_into(t_CV, _take(x.t_hidden, x.rows, c0, c1), x.t_weight, inv_temp)
-        return h_CH, False
-    t_CV.copy_(_take(x.t_logits, x.rows, c0, c1))
+def _teacher_rows(x: _Inputs, t_RV, c0: int, r0: int, r1: int, inv_temp: float) -> bool:
+    """Divide the teacher logits of block rows ``r0:r1`` (of the chunk starting at token ``c0``) by the
+    temperature in ``t_RV``, first copying them in when the teacher is given as logits (those are
+    never modified); returns whether they can hold -inf (only given teacher logits can)."""
+    guard = False
+    if x.t_logits is not None:
+        if x.rows is None:
+            t_RV.copy_(x.t_logits[c0 + r0 : c0 + r1])
+        else:
+            torch.index_select(x.t_logits, 0, x.rows[c0 + r0 : c0 + r1], out=t_RV)
+        guard = t_RV.numel() > 0 and bool(torch.isneginf(t_RV.amin()))
     if inv_temp != 1.0:
-        t_CV.mul_(inv_temp)
-    return h_CH, t_CV.numel() > 0 and bool(torch.isneginf(t_CV.amin()))
+        t_RV.mul_(inv_temp)
+    return guard
 
 
-def _normalise(s_CV, q_CV, t_CV, p_CV, group, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn logits into log-probs in place (``s``, ``t``) and fill the probabilities (``q``, ``p``),
-    with log-normalisers over the whole (TP-split) vocabulary. Returns ``lse`` ``[2, C]`` (student,
-    teacher) and the top-1 agreement ``[C]``."""
-    C = s_CV.shape[0]
-    if s_CV.shape[1]:
-        max_s = s_CV.amax(dim=-1)
-        max_t, arg_t = t_CV.max(dim=-1)
+def _normalise(s_RV, q_RV, t_RV, p_RV, group, start: int, inv_temp: float) -> torch.Tensor:
+    """Turn the student's logits ``s`` (unscaled) and the teacher's ``t`` (already divided by the
+    temperature) into log-probs in place and fill the probabilities ``q``, ``p``, with normalisers
+    over the whole (TP-split) vocabulary. Returns the top-1 agreement ``[R]``.
+
+    ``log q = (s - max) / tau - log sum exp((s - max) / tau)``: the max and the log-sum are
+    subtracted one after the other, never as one rounded ``lse``, so a log-prob near 0 keeps full
+    precision whatever the logits' magnitude (with logits of 1e4 an fp32 ``lse`` is off by 5e-4)."""
+    R = s_RV.shape[0]
+    if s_RV.shape[1]:
+        max_s = s_RV.amax(dim=-1)
+        max_t, arg_t = t_RV.max(dim=-1)
     else:  # this rank holds only padded rows
-        max_s = s_CV.new_full((C,), -torch.inf)
-        max_t, arg_t = max_s.clone(), torch.zeros(C, dtype=torch.long, device=s_CV.device)
-    max_2C = torch.stack([max_s, max_t])
-    all_reduce(max_2C, group, dist.ReduceOp.MAX)
+        max_s = s_RV.new_full((R,), -torch.inf)
+        max_t, arg_t = max_s.clone(), torch.zeros(R, dtype=torch.long, device=s_RV.device)
+    max_2R = torch.stack([max_s, max_t])
+    all_reduce(max_2R, group, dist.ReduceOp.MAX)
 
     # Top-1 agreement with one collective: the teacher's global argmax is the smallest global index
     # reaching the global max; its owner knows whether the student's logit there is the student's
     # global max. Encode (index, disagrees) as index * 2 + disagrees and take the min over ranks.
-    owner = (max_t == max_2C[1]) & torch.isfinite(max_t)
-    if s_CV.shape[1]:
-        disagrees = s_CV.gather(1, arg_t.unsqueeze(1)).squeeze(1) != max_2C[0]
+    owner = (max_t == max_2R[1]) & torch.isfinite(max_t)
+    if s_RV.shape[1]:
+        disagrees = s_RV.gather(1, arg_t.unsqueeze(1)).squeeze(1) != max_2R[0]
     else:
-        disagrees = torch.ones(C, dtype=torch.bool, device=s_CV.device)
+        disagrees = torch.ones(R, dtype=torch.bool, device=s_RV.device)
     key = torch.where(owner, (start + arg_t) * 2 + disagrees.long(), torch.full_like(arg_t, _BIG))
     all_reduce(key, group, dist.ReduceOp.MIN)
-    agree_C = (key != _BIG) & (key % 2 == 0)
+    agree_R = (key != _BIG) & (key % 2 == 0)
 
     # A row that is -inf everywhere would give (-inf) - (-inf) = nan; shift it by 0 instead.
-    max_2C = torch.where(torch.isfinite(max_2C), max_2C, torch.zeros_like(max_2C))
-    s_CV.sub_(max_2C[0].unsqueeze(1))
-    t_CV.sub_(max_2C[1].unsqueeze(1))
-    torch.exp(s_CV, out=q_CV)
-    torch.exp(t_CV, out=p_CV)
-    sum_2C = torch.stack([q_CV.sum(dim=-1), p_CV.sum(dim=-1)])  # [C, V/tp] -> [C], both sides
-    all_reduce(sum_2C, group)
-    log_sum_2C = sum_2C.log()
-    s_CV.sub_(log_sum_2C[0].unsqueeze(1))
-    t_CV.sub_(log_sum_2C[1].unsqueeze(1))
-    q_CV.div_(sum_2C[0].unsqueeze(1))
-    p_CV.div_(sum_2C[1].unsqueeze(1))
-    return max_2C + log_sum_2C, agree_C
+    max_2R = torch.where(torch.isfinite(max_2R), max_2R, torch.zeros_like(max_2R))
+    s_RV.sub_(max_2R[0].unsqueeze(1))
+    if inv_temp != 1.0:
+        s_RV.mul_(inv_temp)
+    t_RV.sub_(max_2R[1].unsqueeze(1))
+    torch.exp(s_RV, out=q_RV)
+    torch.exp(t_RV, out=p_RV)
+    sum_2R = torch.stack([q_RV.sum(dim=-1), p_RV.sum(dim=-1)])  # [R, V/tp] -> [R], both sides
+    all_reduce(sum_2R, group)
+    s_RV.sub_(sum_2R[0].log().unsqueeze(1))
+    t_RV.sub_(sum_2R[1].log().unsqueeze(1))
+    q_RV.div_(sum_2R[0].unsqueeze(1))
+    p_RV.div_(sum_2R[1].unsqueeze(1))
+    return agree_R
 
 
-def _student_grad(g_CV, q_CV, coef_C, group) -> torch.Tensor:
-    """dLoss/ds = coef * (g - q * sum(g)), in place in ``g``; ``sum`` runs over the TP-split vocabulary."""
-    sum_g_C = all_reduce(g_CV.sum(dim=-1), group)  # [C, V/tp] -> [C]
-    return g_CV.addcmul_(q_CV, sum_g_C.unsqueeze(1), value=-1.0).mul_(coef_C.unsqueeze(1))
+def _student_grad_into(out_RV, g_RV, q_RV, coef_R, group) -> None:
+    """``out = coef * (g - q * sum(g))`` = dLoss/ds; ``sum`` runs over the TP-split vocabulary."""
+    sum_g_R = all_reduce(g_RV.sum(dim=-1), group)  # [R, V/tp] -> [R]
+    torch.mul(g_RV, coef_R.unsqueeze(1), out=out_RV)
+    out_RV.addcmul_(q_RV, (coef_R * sum_g_R).unsqueeze(1), value=-1.0)
 
 
 def _accumulate_grads(ds_CV, h_CH, x: _Inputs, grad_h_NH, grad_w_VH, c0: int, c1: int) -> None:
@@ -227,51 +251,50 @@ def _grad_coef(coef_N, value_N, spec: _Spec):
     return coef_N * (spec.inv_temperature * spec.loss_scale)
 
 
-def _forward_chunks(x: _Inputs, spec: _Spec, group, start: int, coef_N, grad_h_NH, grad_w_VH):
-    """Per-token values, log-normalisers and top-1 agreement; with ``grad_in_forward`` also the
-    (unscaled by the upstream gradient) gradients, accumulated into ``grad_h_NH`` / ``grad_w_VH``."""
-    N, acc = coef_N.shape[0], coef_N.dtype
-    value_N = torch.zeros(N, dtype=acc, device=coef_N.device)
-    lse_2N = torch.zeros(2, N, dtype=acc, device=coef_N.device)
-    agree_N = torch.zeros(N, dtype=torch.bool, device=coef_N.device)
+def _chunks(x: _Inputs, spec: _Spec, group, start: int, coef_N, grad_h_NH, grad_w_VH):
+    """Per-token values and top-1 agreement; when ``grad_h_NH`` / ``grad_w_VH`` are given, also the
+    gradients (not yet scaled by the upstream gradient), accumulated into them."""
+    N, acc, dev = coef_N.shape[0], coef_N.dtype, coef_N.device
+    grads = grad_h_NH is not None or grad_w_VH is not None
+    value_N = torch.zeros(N, dtype=acc, device=dev)
+    agree_N = torch.zeros(N, dtype=torch.bool, device=dev)
+    V = x.weight.shape[0]
     C = max(1, min(spec.chunk_size, N))
-    bufs = [torch.empty(C, x.weight.shape[0], dtype=acc, device=coef_N.device) for _ in range(6)]
-    eager = spec.grad_in_forward
+    R = block_rows(C, V, dev, group)
+    s_CV = torch.empty(C, V, dtype=acc, device=dev)
+    # Teacher logits from hidden states come from one matmul per chunk and are worked on in place;
+    # given ones are copied in block by block (they are never modified).
+    t_CV = torch.empty(C if x.t_logits is None else R, V, dtype=acc, device=dev)
+    q_blk, p_blk, w1_blk, w2_blk = (torch.empty(R, V, dtype=acc, device=dev) for _ in range(4))
     for c0 in range(0, N, C):
         c1 = min(c0 + C, N)
-        s, q, t, p, w1, w2 = (b[: c1 - c0] for b in bufs)
-        h_CH, guard = _chunk_logits(x, c0, c1, s, t, spec.inv_temperature)
-        lse_2N[:, c0:c1], agree_N[c0:c1] = _normalise(s, q, t, p, group, start)
-        value_N[c0:c1], g = pointwise(
-            spec.divergence, t, s, p, q, w1, w2, jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha,
-            value=True, grad=eager, guard=guard,
-        )  # fmt: skip
-        if eager:
-            # The clip needs each token's complete value before its gradient: reduce it per chunk.
-            all_reduce(value_N[c0:c1], group)
-            coef_C = _grad_coef(coef_N[c0:c1], value_N[c0:c1], spec)
-            _accumulate_grads(_student_grad(g, q, coef_C, group), h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
-    if not eager:
+        s = s_CV[: c1 - c0]
+        h_CH = _take(x.hidden, x.rows, c0, c1)
+        _logits_into(s, h_CH, x.weight)
+        if x.t_logits is None:
+            _logits_into(t_CV[: c1 - c0], _take(x.t_hidden, x.rows, c0, c1), x.t_weight)
+        for r0 in range(0, c1 - c0, R):
+            r1 = min(r0 + R, c1 - c0)
+            n0, n1 = c0 + r0, c0 + r1
+            s_RV = s[r0:r1]
+            t_RV = t_CV[r0:r1] if x.t_logits is None else t_CV[: r1 - r0]
+            q, p, w1, w2 = (b[: r1 - r0] for b in (q_blk, p_blk, w1_blk, w2_blk))
+            guard = _teacher_rows(x, t_RV, c0, r0, r1, spec.inv_temperature)
+            agree_N[n0:n1] = _normalise(s_RV, q, t_RV, p, group, start, spec.inv_temperature)
+            value_N[n0:n1], g = pointwise(
+                spec.divergence, t_RV, s_RV, p, q, w1, w2, jsd_beta=spec.jsd_beta,
+                skew_alpha=spec.skew_alpha, value=True, grad=grads, guard=guard,
+            )  # fmt: skip
+            if grads:
+                # The clip needs each token's complete value before its gradient: reduce it per block.
+                all_reduce(value_N[n0:n1], group)
+                coef_R = _grad_coef(coef_N[n0:n1], value_N[n0:n1], spec)
+                _student_grad_into(s_RV, g, q, coef_R, group)  # the log-probs are done with
+        if grads:
+            _accumulate_grads(s, h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
+    if not grads:
         all_reduce(value_N, group)  # per-token partial sums over each rank's vocabulary shard
-    return value_N, lse_2N, agree_N
-
-
-def _backward_chunks(x: _Inputs, spec: _Spec, group, lse_2N, coef_N, grad_h_NH, grad_w_VH) -> None:
-    """Recompute each chunk's log-probs from the saved normalisers and accumulate the gradients."""
-    N = coef_N.shape[0]
-    C = max(1, min(spec.chunk_size, N))
-    bufs = [torch.empty(C, x.weight.shape[0], dtype=coef_N.dtype, device=coef_N.device) for _ in range(6)]
-    for c0 in range(0, N, C):
-        c1 = min(c0 + C, N)
-        s, q, t, p, w1, w2 = (b[: c1 - c0] for b in bufs)
-        h_CH, guard = _chunk_logits(x, c0, c1, s, t, spec.inv_temperature)
-        torch.exp(s.sub_(lse_2N[0, c0:c1].unsqueeze(1)), out=q)
-        torch.exp(t.sub_(lse_2N[1, c0:c1].unsqueeze(1)), out=p)
-        _, g = pointwise(
-            spec.divergence, t, s, p, q, w1, w2, jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha,
-            value=False, grad=True, guard=guard,
-        )  # fmt: skip
-        _accumulate_grads(_student_grad(g, q, coef_N[c0:c1], group), h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
+    return value_N, agree_N
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,25 +307,24 @@ class FusedLinearDivergence(torch.autograd.Function):
     ``hidden_TH`` and ``weight_VH``. Prefer :func:`fused_linear_divergence`, which validates inputs.
 
     ``coef_T`` holds each token's loss weight (mask / normaliser); ``t_*`` are the teacher's inputs
-    (hidden states and weight shard, or a logits shard); the teacher gets no gradient."""
+    (hidden states and weight shard, or a logits shard); the teacher gets no gradient. The gradients
+    are formed during forward (``spec.grads``) and handed out by backward."""
 
     @staticmethod
     def forward(ctx, hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, coef_T, spec: _Spec, group):
         T, H = hidden_TH.shape
         V_local = weight_VH.shape[0]
-        acc = torch.float64 if hidden_TH.dtype == torch.float64 else torch.float32
-        dev = hidden_TH.device
+        acc, dev = coef_T.dtype, hidden_TH.device
         start, n_valid = vocab_range(V_local, group, spec.vocab_size)
         rows_N = torch.nonzero(coef_T).squeeze(1)  # only tokens that carry loss are computed
         N = rows_N.numel()
         x = _inputs(hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, rows_N, n_valid)
-        coef_N = coef_T[rows_N].to(acc)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h_NH = grad_w_VH = None
-        if spec.grad_in_forward:
-            grad_h_NH = torch.zeros(N, H, dtype=acc, device=dev) if need_h else None
-            grad_w_VH = torch.zeros(V_local, H, dtype=acc, device=dev) if need_w else None
-        value_N, lse_2N, agree_N = _forward_chunks(
+        coef_N = coef_T[rows_N]
+        need_h = spec.grads and ctx.needs_input_grad[0]
+        need_w = spec.grads and ctx.needs_input_grad[1]
+        grad_h_NH = torch.zeros(N, H, dtype=acc, device=dev) if need_h else None
+        grad_w_VH = torch.zeros(V_local, H, dtype=acc, device=dev) if need_w else None
+        value_N, agree_N = _chunks(
             x, spec, group, start, coef_N, grad_h_NH, None if grad_w_VH is None else grad_w_VH[:n_valid]
         )
 
@@ -310,51 +332,30 @@ class FusedLinearDivergence(torch.autograd.Function):
         per_token_T = torch.zeros(T, dtype=acc, device=dev).index_copy_(0, rows_N, value_N)
         agree_T = torch.zeros(T, dtype=torch.bool, device=dev).index_copy_(0, rows_N, agree_N)
         ctx.mark_non_differentiable(per_token_T, agree_T)
-
-        ctx.spec, ctx.group, ctx.meta = spec, group, (T, H, n_valid, hidden_TH.dtype, weight_VH.dtype)
-        if spec.grad_in_forward:
-            ctx.save_for_backward(all_reduce(grad_h_NH, group) if need_h else None, grad_w_VH, rows_N)
-        else:
-            ctx.save_for_backward(
-                hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, rows_N, lse_2N,
-                _grad_coef(coef_N, value_N, spec),
-            )  # fmt: skip
+        ctx.meta = (T, H, hidden_TH.dtype, weight_VH.dtype)
+        # every rank's vocabulary shard contributes to dLoss/dh
+        ctx.save_for_backward(all_reduce(grad_h_NH, group) if need_h else None, grad_w_VH, rows_N)
         return loss, per_token_T, agree_T
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_per_token, _grad_agree):
-        spec, group = ctx.spec, ctx.group
-        T, H, n_valid, h_dtype, w_dtype = ctx.meta
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if spec.grad_in_forward:
-            # The gradients were computed in forward. With an upstream gradient of 1 (the usual case)
-            # they are handed out as they are: autograd then takes them over as .grad without a copy
-            # (it copies instead while the graph is retained, so a second backward stays correct).
-            grad_h_NH, grad_w_VH, rows_N = ctx.saved_tensors
-            if bool(grad_loss != 1):
-                grad_h_NH = None if grad_h_NH is None else grad_h_NH * grad_loss
-                grad_w_VH = None if grad_w_VH is None else grad_w_VH * grad_loss
-        else:
-            hidden, weight, t_hidden, t_weight, t_logits, rows_N, lse_2N, coef_N = ctx.saved_tensors
-            N, acc, dev = rows_N.numel(), coef_N.dtype, coef_N.device
-            x = _inputs(hidden, weight, t_hidden, t_weight, t_logits, rows_N, n_valid)
-            grad_h_NH = torch.zeros(N, H, dtype=acc, device=dev) if need_h else None
-            grad_w_VH = torch.zeros(weight.shape[0], H, dtype=acc, device=dev) if need_w else None
-            _backward_chunks(
-                x, spec, group, lse_2N, coef_N * grad_loss.to(acc), grad_h_NH,
-                None if grad_w_VH is None else grad_w_VH[:n_valid],
-            )  # fmt: skip
-            if need_h:
-                all_reduce(grad_h_NH, group)  # every rank's vocabulary shard contributes to dLoss/dh
+        T, H, h_dtype, w_dtype = ctx.meta
+        # With an upstream gradient of 1 (the usual case) the gradients are handed out as they are:
+        # autograd then takes them over as .grad without a copy (it copies instead while the graph is
+        # retained, so a second backward stays correct).
+        grad_h_NH, grad_w_VH, rows_N = ctx.saved_tensors
+        if bool(grad_loss != 1):
+            grad_h_NH = None if grad_h_NH is None else grad_h_NH * grad_loss
+            grad_w_VH = None if grad_w_VH is None else grad_w_VH * grad_loss
         grad_hidden = grad_weight = None
-        if need_h:
+        if grad_h_NH is not None:
             if grad_h_NH.shape[0] == T:
                 grad_hidden = grad_h_NH.to(h_dtype)
             else:
                 grad_hidden = grad_h_NH.new_zeros(T, H, dtype=h_dtype).index_copy_(
                     0, rows_N, grad_h_NH.to(h_dtype)
                 )
-        if need_w:
+        if grad_w_VH is not None:
             grad_weight = grad_w_VH.to(w_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
@@ -382,7 +383,6 @@ def fused_linear_divergence(
     tp_group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
     token_clip: float | None = None,
-    recompute: bool = True,
 ) -> FusedDivergenceOutput:
     r"""Distillation loss of the student's lm-head on its pre-lm-head hidden states, fused and TP-aware.
 
@@ -404,14 +404,10 @@ def fused_linear_divergence(
             parallel pass the step's global token count (see :mod:`opd_megatron.losses.reduce`); for a
             per-sequence mean pass ``reduction_weights(mask, "sequence_mean")`` as ``mask_T`` and 1.
         chunk_size: tokens per chunk; None picks :func:`auto_chunk_size` from ``V/tp``. Results do not
-            depend on it; peak memory is about six ``[chunk, V/tp]`` fp32 buffers.
+            depend on it; peak memory is one to six ``[chunk, V/tp]`` fp32 buffers (module docstring).
         tp_group: the tensor-parallel group the vocabulary is split over (None: one process).
         vocab_size: the true vocabulary size; rows at global index >= it are padding and excluded.
         token_clip: OPSD's per-token clip ``tau``: each token contributes ``min(D_t, tau)``.
-        recompute: recompute the chunk logits in backward (the default; nothing ``[V/tp, H]``-sized is
-            held between forward and backward). False computes the gradients during forward and
-            holds them until backward: two fewer matmuls (the student and teacher logits are not
-            recomputed); an upstream gradient other than 1 costs one ``[V/tp, H]`` copy.
 
     Returns:
         :class:`FusedDivergenceOutput` ``(loss, per_token, top1_agree)``; the per-token tensors have the
@@ -447,8 +443,10 @@ def fused_linear_divergence(
     if token_clip is not None and not token_clip > 0:
         raise ValueError(f"token_clip must be > 0, got {token_clip}")
 
+    # The loss dtype: the loss weights mask / normaliser are formed in it (exact 1/N in float64).
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     weights_T = (
-        torch.ones(T, device=hidden.device) if mask_T is None else mask_T.reshape(-1).to(torch.float32)
+        torch.ones(T, dtype=acc, device=hidden.device) if mask_T is None else mask_T.reshape(-1).to(acc)
     )
     if weights_T.shape[0] != T:
         raise ValueError(f"mask has {weights_T.shape[0]} tokens, hidden states have {T}")
@@ -457,6 +455,8 @@ def fused_linear_divergence(
         normaliser = torch.where(total > 0, total, torch.ones_like(total))
     elif not torch.is_tensor(normaliser) and not normaliser > 0:
         raise ValueError(f"normaliser must be > 0, got {normaliser!r}")
+    elif torch.is_tensor(normaliser):
+        normaliser = normaliser.to(acc)
     coef_T = weights_T / normaliser
 
     if chunk_size is None:
@@ -473,7 +473,7 @@ def fused_linear_divergence(
         chunk_size=int(chunk_size),
         vocab_size=vocab_size,
         token_clip=token_clip,
-        grad_in_forward=wants_grad and not recompute,
+        grads=wants_grad,
     )
     loss, per_token, agree = FusedLinearDivergence.apply(
         hidden, weight_VH, t_hidden, teacher_weight_VH, t_logits, coef_T, spec, tp_group

@@ -36,10 +36,9 @@ def rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
 
 
 def _mix_into(out, w_a: float, a, b):
-    """out = max(w_a * a + (1 - w_a) * b, tiny); the floor keeps log(out) finite where both are 0."""
-    torch.mul(b, 1.0 - w_a, out=out)
-    out.add_(a, alpha=w_a).clamp_min_(torch.finfo(out.dtype).tiny)
-    return out
+    """out = max(w_a * a + (1 - w_a) * b, tiny); the floor keeps log(out) finite where both are 0.
+    One ``lerp`` pass (``b + w_a (a - b)``) instead of a multiply and an add."""
+    return torch.lerp(b, a, w_a, out=out).clamp_min_(torch.finfo(out.dtype).tiny)
 
 
 def pointwise(

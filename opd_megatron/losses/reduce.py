@@ -19,18 +19,34 @@ import torch.distributed as dist
 
 from opd_megatron.losses.tp import all_reduce
 
-__all__ = ["REDUCTIONS", "as_weights", "reduction_weights", "masked_reduce", "global_token_count"]
+__all__ = [
+    "REDUCTIONS",
+    "weight_dtype",
+    "as_weights",
+    "reduction_weights",
+    "masked_reduce",
+    "global_token_count",
+]
 
 REDUCTIONS = ("none", "token_mean", "sequence_mean", "sum")
 
 
+def weight_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype of loss weights for values ``like``: the values' own dtype, at least float32 (so a
+    float64 loss is normalised in float64, and a bf16 one does not round its 1/N to 8 bits)."""
+    if like.dtype.is_floating_point:
+        return torch.promote_types(like.dtype, torch.float32)
+    return torch.float32
+
+
 def as_weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A bool/float mask as float weights shaped like ``like`` (all ones when ``mask`` is None)."""
+    """A bool/float mask as float weights (:func:`weight_dtype`) shaped like ``like`` (all ones when
+    ``mask`` is None)."""
     if mask is None:
-        return torch.ones(like.shape, dtype=torch.float32, device=like.device)
+        return torch.ones(like.shape, dtype=weight_dtype(like), device=like.device)
     if mask.shape != like.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match values shape {tuple(like.shape)}")
-    return mask.to(torch.float32)
+    return mask.to(weight_dtype(like))
 
 
 def _check_normaliser(normaliser) -> None:
@@ -51,11 +67,13 @@ def reduction_weights(
 
     A batch with no tokens gives all-zero weights (a zero loss with zero gradients), never 0/0.
     This is how the fused loss, which only sees a flat token axis, gets per-sequence reductions.
+    The weights are float32, or the mask's dtype when that is a wider float (float64 weights give an
+    exact float64 1/N).
     """
     if reduction not in REDUCTIONS or reduction == "none":
         raise ValueError(f"reduction must be one of {REDUCTIONS[1:]}, got {reduction!r}")
     _check_normaliser(normaliser)
-    w = mask_BT.to(torch.float32)
+    w = mask_BT.to(weight_dtype(mask_BT))
     if reduction == "sequence_mean":
         tokens_B = w.sum(dim=-1, keepdim=True)  # [B, T] -> [B, 1]
         w = w / torch.where(tokens_B > 0, tokens_B, torch.ones_like(tokens_B))
@@ -65,7 +83,7 @@ def reduction_weights(
         normaliser = w.sum()
     if normaliser is None:
         return w
-    normaliser = torch.as_tensor(normaliser, dtype=torch.float32, device=w.device)
+    normaliser = torch.as_tensor(normaliser, dtype=w.dtype, device=w.device)
     return w / torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
 
 
@@ -78,7 +96,8 @@ def masked_reduce(
     """Reduce per-token ``values`` (``[..., T]``) under ``mask`` (see :func:`reduction_weights`).
 
     ``none`` returns the values times the mask weights, with dropped tokens exactly 0 even where the
-    value is nan or inf (padding positions often hold garbage)."""
+    value is nan or inf (padding positions often hold garbage). Weights and normaliser are formed in
+    the values' dtype (at least float32): in float64 a token mean of ones is exactly 1."""
     w = as_weights(mask, values)
     if reduction == "none":
         return torch.where(w != 0, values * w.to(values.dtype), torch.zeros_like(values))

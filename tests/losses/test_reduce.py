@@ -100,3 +100,17 @@ def dp_worker(rank: int):
 def test_data_parallel_global_token_count(tp2):
     for dp_loss, full in (rank["reduce"] for rank in tp2):
         assert dp_loss == pytest.approx(full, rel=1e-6)
+
+
+def test_float64_normalisation_is_exact():
+    # The weights and the 1/N normaliser are formed in the values' dtype: a float32 1/9 would leave
+    # 7.45e-9 here.
+    ones = torch.ones(9, dtype=torch.float64)
+    mask = torch.ones(9, dtype=torch.bool)
+    assert masked_reduce(ones, mask) - 1 == 0
+    assert masked_reduce(ones, mask, "token_mean", normaliser=9) - 1 == 0
+    assert masked_reduce(ones.reshape(1, 9), mask.reshape(1, 9), "sequence_mean") - 1 == 0
+    assert masked_reduce(ones, None, "sum", normaliser=torch.tensor(9.0)) - 1 == 0
+    assert reduction_weights(ones, "token_mean").dtype == torch.float64
+    # float32 values keep float32 weights; bool masks give float32 weights
+    assert reduction_weights(mask).dtype == torch.float32
