@@ -51,9 +51,6 @@ def fused_against(hidden_NH, weight_VH, weights_N, lc: LossConfig, group, vocab,
         tp_group=group,
         vocab_size=vocab,
         token_clip=clip,
-        # The loss is backpropagated right away inside the schedule: forming the gradients during
-        # forward saves the two recomputed lm-head matmuls at the same peak memory.
-        recompute=False,
     )
 
 
