@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside the training loop (which saves and exits on SIGINT itself)
+        print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-facing data/checkpoint errors: no traceback, a clear message
         from opd_megatron.data.jsonl import DataError
