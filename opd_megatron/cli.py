@@ -97,7 +97,9 @@ def cmd_run(args) -> int:
         rows.append(["reverse KL to teacher", f"{result.kl_before:.4f}", f"{result.kl_after:.4f}"])
         print_table(f"OPD {cfg.name}: held-out exact match", ["domain", "before", "after"], rows)
         print(
-            f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s, {result.skipped_steps} skipped steps)"
+            f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s, {result.skipped_steps} skipped steps: "
+            + ", ".join(f"{k} {v}" for k, v in result.skipped.items())
+            + ")"
         )
     return 0
 

@@ -58,7 +58,10 @@ class OPDResult:
     checkpoint: Path
     wall_s: float
     skipped_steps: int
+    """Steps without an update: non-finite scores or gradients, all rollouts empty, a failed teacher."""
     history: list[dict] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    """The counts by reason (``empty_rollouts``: rollouts dropped)."""
 
 
 def student_hidden(model, mb: MicroBatch):
@@ -118,7 +121,8 @@ class OPDTrainer(TrainingRun):
         self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
         self.optimizer = build_optimizer(self.student, self.tc)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
-        self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "teacher_failures": 0}
+        self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "all_empty": 0, "teacher_failures": 0}
+        """Skipped steps by reason (``empty_rollouts`` counts rollouts, the others steps)."""
         self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ the skeleton's hooks
@@ -183,26 +187,23 @@ class OPDTrainer(TrainingRun):
         batch = self.rollouts.make(step, self.step_rows(), g.dp_rank)
         self.skipped["empty_rollouts"] += batch.empty
         t_rollout = time.monotonic() - t0
-        if not batch.rows:  # every completion was empty: nothing to learn from, no step
-            return self.skip_record("all rollouts empty", batch.lam)
+        if not all_finite(0.0 if batch.rows else float("nan"), g):  # a rank has nothing to learn from
+            self.skipped["all_empty"] += 1
+            return self.skip_record(
+                "all rollouts empty" if not batch.rows else "another rank's rollouts empty", batch.lam
+            )
         t1 = time.monotonic()
         try:
             mbs = self.score(batch)
         except StepAborted as e:
             return self.abort(step, e, batch.lam)
-        finite = all(mb.target is None or mb.target.finite() for mb in mbs)
+        bad = [mb.teacher_name for mb in mbs if mb.target is not None and not mb.target.finite()]
         every = self.cfg.mopd.disagreement_every
         js = self.orch.disagreement(mbs) if every and step % every == 0 else None
         t_score = time.monotonic() - t1
         global_tokens = int(dp_sum(float(batch.tokens), g))
-        if not all_finite(0.0 if finite else float("nan"), g):
-            self.skipped["nonfinite"] += 1
-            if g.is_main:
-                print(
-                    f"step {step + 1}: non-finite teacher scores; step skipped (no parameter change)",
-                    flush=True,
-                )
-            return self.skip_record("non-finite teacher scores", batch.lam)
+        if not all_finite(0.0 if not bad else float("nan"), g):
+            return self.nonfinite_teacher(step, sorted(set(bad)), batch.lam)
         lr = lr_at(step, self.tc)
         set_lr(self.optimizer, lr)
         t2 = time.monotonic()
@@ -254,6 +255,27 @@ class OPDTrainer(TrainingRun):
     def skip_record(self, reason: str, lam: float, **extra) -> dict:
         return {"skipped": True, "reason": reason, "lambda": lam, **extra, **self.skip_counters()}
 
+    def nonfinite_teacher(self, step: int, names: list[str], lam: float) -> dict:
+        """Non-finite teacher scores (on some rank): no update; a teacher that stays non-finite for
+        ``mopd.max_teacher_failures`` consecutive steps stops the run, named."""
+        self.skipped["nonfinite"] += 1
+        self.consecutive_failures += 1
+        who = ", ".join(repr(n) for n in names) or "a teacher on another rank"
+        if self.groups.is_main:
+            print(
+                f"step {step + 1}: non-finite scores from {who}; step skipped (no parameter change)",
+                flush=True,
+            )
+        if self.consecutive_failures >= self.cfg.mopd.max_teacher_failures:
+            raise TeacherError(
+                f"teacher {who}: non-finite scores for {self.consecutive_failures} consecutive steps "
+                "(mopd.max_teacher_failures); the checkpoints on disk are the last good ones"
+            )
+        return self.skip_record("non-finite teacher scores", lam, teacher=", ".join(names))
+
+    def skipped_steps(self) -> int:
+        return self.skipped["nonfinite"] + self.skipped["all_empty"] + self.skipped["teacher_failures"]
+
     def abort(self, step: int, err: StepAborted, lam: float) -> dict:
         """A teacher failed: no update this step (on any rank); too many in a row end the run with the
         teacher's error (the checkpoints on disk are the last good ones)."""
@@ -277,7 +299,7 @@ class OPDTrainer(TrainingRun):
         kl = lambda rec: rec.get("heldout_reverse_kl", float("nan"))  # noqa: E731
         return OPDResult(
             s.steps, em(s.first_eval), em(s.last_eval), kl(s.first_eval), kl(s.last_eval), s.checkpoint,
-            s.wall_s, self.skipped["nonfinite"], s.history,
+            s.wall_s, self.skipped_steps(), s.history, dict(self.skipped),
         )  # fmt: skip
 
 

@@ -266,3 +266,37 @@ def test_samples_per_prompt_samples_each_prompt_n_times_in_one_call_with_pass_at
         assert prompts[i] == prompts[i + 1] == prompts[i + 2] == prompts[i + 3]
     assert len({tuple(p) for p in prompts}) == 4
     assert rec["pass@4"] == pytest.approx(hand)
+
+
+def _always_nan(rank, out, ckpts):
+    from opd_megatron.teachers.base import TeacherError
+    from opd_megatron.train.opd import OPDTrainer
+
+    trainer = OPDTrainer(_student_cfg(out, ckpts[0], steps=6))
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    real_score = trainer.teacher.score
+
+    def nan_score(rows, prompts, comps):
+        t = real_score(rows, prompts, comps)
+        t.hidden_NH.fill_(float("nan"))
+        return t
+
+    trainer.teacher.score = nan_score
+    recs = []
+    try:
+        for step in range(6):
+            recs.append(trainer.train_step(step))
+    except TeacherError as e:
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+        return str(e), recs, unchanged, dict(trainer.skipped)
+    return None, recs, None, dict(trainer.skipped)
+
+
+def test_a_teacher_that_stays_non_finite_stops_the_run_naming_it(tmp_path, teacher_ckpt):
+    err, recs, unchanged, skipped = run_ranks(
+        _always_nan, 1, timeout=300, args=(str(tmp_path), teacher_ckpt)
+    )[0]
+    assert err is not None, "three non-finite steps in a row did not stop the run"
+    assert "'expert'" in err and "3 consecutive steps" in err
+    assert len(recs) == 2 and all(r["skipped"] and r["teacher"] == "expert" for r in recs)
+    assert unchanged and skipped["nonfinite"] == 3

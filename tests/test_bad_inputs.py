@@ -1,0 +1,195 @@
+"""Bad configuration and data given to the CLI: each is a one-line error naming the field (or the file and
+line), exit status 2, no traceback, and nothing trained. The HTTP service, the remote client and damaged
+checkpoints have their own tables (tests/teachers/test_server_hardening.py, test_remote_answers.py,
+tests/models/test_checkpoint_integrity.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opd_megatron.cli import main
+
+# (override, the field path the message must name)
+CONFIG_CASES = [
+    ("train.lr=.inf", "train.lr"),
+    ("train.lr=.nan", "train.lr"),
+    ("train.lr=-1", "train.lr"),
+    ("train.min_lr=.inf", "train.min_lr"),
+    ("train.save_every=-1", "train.save_every"),
+    ("train.eval_every=-1", "train.eval_every"),
+    ("train.steps=0", "train.steps"),
+    ("train.steps=abc", "train.steps"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("train.grad_accumulation=0", "train.grad_accumulation"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.keep_last=0", "train.keep_last"),
+    ("train.lr_schedule=exp", "train.lr_schedule"),
+    ("train.weight_decay=.inf", "train.weight_decay"),
+    ("train.adam_beta2=.nan", "train.adam_beta2"),
+    ("train.resume=maybe", "train.resume"),
+    ("train.lrr=1", "train.lrr"),
+    ("trian.lr=1", "trian"),
+    ("model.num_layers=0", "model.num_layers"),
+    ("model.hidden_size=130", "model.hidden_size"),
+    ("model.num_query_groups=3", "model.num_query_groups"),
+    ("model.params_dtype=fp64", "model.params_dtype"),
+    ("model.transformer_impl=cuda", "model.transformer_impl"),
+    ("model.fp8=e5m2", "model.fp8"),
+    ("model.vocab_size=0", "model.vocab_size"),
+    ("model.max_sequence_length=0", "model.max_sequence_length"),
+    ("model.hidden_size=[1]", "model.hidden_size"),
+    ("parallel.tensor_model_parallel_size=3", "parallel.tensor_model_parallel_size"),
+    ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size"),
+    ("parallel.pipeline_model_parallel_size=3", "parallel.pipeline_model_parallel_size"),
+    ("parallel.backend=mpi", "parallel.backend"),
+    ("tokenizer.kind=bpe", "tokenizer.kind"),
+    ("tokenizer.kind=sentencepiece", "tokenizer.path"),
+    ("loss.divergence=kl", "loss.divergence"),
+    ("loss.objective=ppo", "loss.objective"),
+    ("loss.jsd_beta=2", "loss.jsd_beta"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("loss.skew_alpha=1", "loss.skew_alpha"),
+    ("loss.on_policy_lambda=1.5", "loss.on_policy_lambda"),
+    ("loss.topk=0", "loss.topk"),
+    ("loss.chunk_size=0", "loss.chunk_size"),
+    ("loss.cross_kl=exact", "loss.cross_kl"),
+    ("loss.uld_metric=l2", "loss.uld_metric"),
+    ("loss.topk_tail=none", "loss.topk_tail"),
+    ("loss.lambda_schedule=cosine", "loss.lambda_schedule"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+    ("rollout.max_new_tokens=500", "rollout.max_new_tokens"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.temperature=-1", "rollout.temperature"),
+    ("rollout.samples_per_prompt=3", "rollout.samples_per_prompt"),
+    ("data.domains=[maths]", "data.domains[0]"),
+    ("data.difficulty=99", "data.difficulty"),
+    ("data.train_size=0", "data.train_size"),
+    ("mopd.routing=vote", "mopd.routing"),
+    ("mopd.max_teacher_failures=0", "mopd.max_teacher_failures"),
+    ("mopd.mixture_temperature=0", "mopd.mixture_temperature"),
+    ("mopd.confidence=margin", "mopd.confidence"),
+    ("launch.executor=k8s", "launch.executor"),
+    ("launch.nodes=0", "launch.nodes"),
+]
+
+# (teacher entry, extra overrides, the field path the message must name) for `opd-megatron run`
+TEACHER_CASES = [
+    ({"name": "t", "placement": "cloud", "checkpoint": "x"}, [], "teachers[0].placement"),
+    ({"name": "t", "placement": "remote"}, [], "teachers[0].url"),
+    ({"name": "t", "placement": "colocated"}, [], "teachers[0].checkpoint"),
+    ({"name": "", "checkpoint": "x"}, [], "teachers[0].name"),
+    ({"name": "t", "checkpoint": "x", "weight": -1}, [], "teachers[0].weight"),
+    (
+        {"name": "t", "placement": "remote", "url": "http://127.0.0.1:9", "timeout_s": 0},
+        [],
+        "teachers[0].timeout_s",
+    ),
+    (
+        {"name": "t", "placement": "remote", "url": "http://127.0.0.1:9", "retries": -1},
+        [],
+        "teachers[0].retries",
+    ),
+    ({"name": "t", "placement": "self", "ema_rate": 1.0}, [], "teachers[0].ema_rate"),
+    ({"name": "t", "checkpoint": "x", "dtype": "fp16"}, [], "teachers[0].dtype"),
+    ({"name": "t", "placement": "self", "self_mode": "swa"}, [], "teachers[0].self_mode"),
+    ({"name": "t", "checkpoint": "x", "domains": "reversal"}, [], "teachers[0].domains"),
+    ({"name": "t", "checkpoint": "x"}, ["mopd.default_teacher=nobody"], "mopd.default_teacher"),
+    (
+        {"name": "t", "placement": "remote", "url": "http://127.0.0.1:9"},
+        ["loss.objective=tinker"],
+        "loss.objective",
+    ),
+    (
+        {
+            "name": "t",
+            "placement": "remote",
+            "url": "http://127.0.0.1:9",
+            "token_env": "OPD_NO_SUCH_VARIABLE",
+        },
+        [],
+        "teachers[0].token_env",
+    ),
+    ({"name": "t", "checkpoint": "/nonexistent/teacher"}, [], "/nonexistent/teacher"),
+]
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("override,field", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_is_one_line_naming_the_field(override, field, tmp_path, capsys):
+    code, err = _cli(["sft", override, f"train.output_dir={tmp_path}/out"], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert field in err, err
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+    "teacher,extra,field", TEACHER_CASES, ids=[c[2] + str(i) for i, c in enumerate(TEACHER_CASES)]
+)
+def test_bad_teacher_config_is_one_line_naming_the_field(
+    teacher, extra, field, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("OPD_NO_SUCH_VARIABLE", raising=False)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps({"teachers": [teacher], "train": {"output_dir": str(tmp_path / "out")}}))
+    code, err = _cli(["run", str(cfg), *extra], capsys)
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert field in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_that_is_not_there_or_not_a_mapping(tmp_path, capsys):
+    code, err = _cli(["sft", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2 and "config file not found" in err and "Traceback" not in err
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    code, err = _cli(["sft", str(bad)], capsys)
+    assert code == 2 and "top level must be a mapping" in err
+
+
+# Bad data rows go through a real process (the data is read after the process group is up): each is
+# named by file and line before anything trains.
+DATA_CASES = [
+    ("{not json", "invalid JSON"),
+    ('{"domain": "reversal", "reference": "ba"}', "prompt"),
+    ('{"prompt": 5, "domain": "reversal", "reference": "ba"}', "prompt"),
+    ('{"messages": [{"role": "wizard", "content": "hi"}], "domain": "reversal", "reference": "x"}', "wizard"),
+    ('{"messages": [], "domain": "reversal", "reference": "x"}', "messages"),
+    ('{"messages": [{"role": "user", "content": 3}], "domain": "reversal", "reference": "x"}', "content"),
+    ('{"prompt": "reverse ab=", "domain": "reversal", "reference": "' + "x" * 300 + '"}', "max_len"),
+]
+
+
+def test_bad_data_rows_name_file_and_line_and_train_nothing(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    good = '{"prompt": "reverse ab=", "domain": "reversal", "reference": "ba"}'
+    for i, (row, needle) in enumerate(DATA_CASES):
+        path.write_text("\n".join([good, good, row]) + "\n")
+        out = tmp_path / f"out{i}"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "opd_megatron.cli", "sft", f"data.train_path={path}", "data.domains=[]",
+             "train.steps=2", f"train.output_dir={out}", "train.progress=false"],
+            capture_output=True, text=True, timeout=240, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 2, (row, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{path}:3" in proc.stderr and needle in proc.stderr, (row, proc.stderr)
+        assert not Path(out, "checkpoints").exists()
