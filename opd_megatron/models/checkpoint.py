@@ -27,8 +27,10 @@ time (:mod:`opd_megatron.models.run_identity`) with the current run's and raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 import sys
@@ -56,6 +58,30 @@ class CheckpointError(FileNotFoundError):
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _in_process_write_results():
+    """Keep Megatron's checkpoint writer from starting a ``multiprocessing`` Manager process.
+
+    Its ``torch_dist`` writer hands the write results back through a queue that it creates on first use
+    from a *spawned* Manager: a ~300 MB helper that lives as long as the trainer, and that, after a
+    ``kill -9`` of the trainer, lives on as an orphan (holding the trainer's blocked signal mask). A
+    synchronous save puts and gets the results in this very process, so a plain in-process queue serves,
+    and the Manager is never started. Async saves (not used here) would still need Megatron's own."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as writer
+    except ImportError:  # another Megatron layout: nothing to replace
+        yield
+        return
+    if getattr(writer, "_results_queue", "absent") is not None:  # unknown layout, or already created
+        yield
+        return
+    writer._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        writer._results_queue = None
 
 
 def _barrier() -> None:
@@ -271,9 +297,10 @@ def save_checkpoint(
         for name in extra_models or {}:
             (tmp / name).mkdir()
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-    for name, extra in (extra_models or {}).items():
-        dist_checkpointing.save(extra.sharded_state_dict(), str(tmp / name))
+    with _in_process_write_results():
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+        for name, extra in (extra_models or {}).items():
+            dist_checkpointing.save(extra.sharded_state_dict(), str(tmp / name))
     if rank_state is not None:
         part = tmp / "rank_state" / f"rank_{rank:05d}.pt.part"
         torch.save(rank_state, part)

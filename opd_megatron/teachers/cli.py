@@ -108,6 +108,9 @@ def run_serve(args) -> int:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
+    # A trainer that started this server may have blocked its stop signals (and children inherit the
+    # mask across exec): unblocked, SIGTERM reaches the handler above and Ctrl-C stops the server.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     print(f"serving teacher {server.model_name} on {server.url}", flush=True)
     try:
         server.serve_forever()
