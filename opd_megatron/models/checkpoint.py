@@ -133,14 +133,18 @@ def verify_checkpoint(ckpt: str | Path, *, checksums: bool = True) -> list[str]:
         return [f"meta.json: unparsable ({type(e).__name__}: {str(e)[:120]})"]
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         return ["meta.json: not a checkpoint's meta (expected an object with an integer 'step')"]
-    if meta.get("format", 1) >= 2:
+    fmt = meta.get("format")
+    # A manifest, once written, is the reference; a meta that says one was written needs it.
+    if (ckpt / MANIFEST_NAME).exists() or (isinstance(fmt, int) and fmt >= 2):
         return verify_manifest(ckpt, checksums=checksums)
     problems = []
-    for sub in ["model", *meta.get("extra_models", [])]:
+    extras = meta.get("extra_models") if isinstance(meta.get("extra_models"), list) else []
+    for sub in ["model", *map(str, extras)]:
         if not (ckpt / sub / ".metadata").is_file():
             problems.append(f"{sub}/.metadata: missing")
     if meta.get("has_rank_state"):
-        for rank in range(int(meta.get("world_size", 1))):
+        world = meta.get("world_size") if isinstance(meta.get("world_size"), int) else 1
+        for rank in range(world):
             path = ckpt / "rank_state" / f"rank_{rank:05d}.pt"
             if not path.is_file():
                 problems.append(f"{path.relative_to(ckpt)}: missing")
@@ -187,8 +191,12 @@ def find_resume_checkpoint(
         try:
             found = _newest_intact(root, checksums, report)
             answer[0] = str(found) if found is not None else None
-        except CheckpointError as e:
-            answer[0] = e
+        except Exception as e:  # every rank must learn of it, or the others wait in the broadcast
+            answer[0] = (
+                e
+                if isinstance(e, CheckpointError)
+                else CheckpointError(f"cannot look for checkpoints in {root}: {type(e).__name__}: {e}")
+            )
     if distributed:
         dist.broadcast_object_list(answer, src=first, group=group)
     if isinstance(answer[0], CheckpointError):

@@ -269,3 +269,30 @@ def test_loading_into_another_architecture_or_a_garbage_rank_state_is_a_checkpoi
     )
     assert "config.yaml" in arch and "\n" not in arch
     assert state.startswith(f"{ckpt}/rank_state/rank_00000.pt: unreadable training state")
+
+
+def test_format_removed_from_meta_still_verifies_against_the_manifest(root):
+    ckpt = root / "step_0000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["format"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert verify_checkpoint(ckpt)[0].startswith("meta.json: ")
+
+
+def _resume_lookup(rank, root):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        return str(find_resume_checkpoint(root, report=lambda _: None))
+    except CheckpointError as e:
+        return f"CheckpointError: {e}"
+
+
+def test_every_rank_resumes_from_the_same_checkpoint_or_gets_the_same_error(root):
+    _truncate("model/__0_0.distcp", 10)(root / "step_0000003")
+    assert run_ranks(_resume_lookup, 2, timeout=120, args=(str(root),)) == [str(root / "step_0000002")] * 2
+    for step in (1, 2):
+        _delete("model/.metadata")(root / f"step_000000{step}")
+    first, second = run_ranks(_resume_lookup, 2, timeout=120, args=(str(root),))
+    assert first == second and first.startswith(f"CheckpointError: no intact checkpoint in {root}")
