@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -370,3 +371,20 @@ def test_nothing_listens_beyond_loopback(served):
     addresses = _listening_addresses(proc.pid)
     assert addresses, "the server should at least listen for HTTP"
     assert set(addresses) <= LOOPBACK_HEX, addresses
+
+
+def test_a_server_started_with_stop_signals_blocked_still_stops_on_sigterm(checkpoint, tmp_path):
+    # A trainer with a PreemptionHandler blocks SIGTERM/SIGINT, and children inherit the mask across exec.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        proc, _ = _start_logged(checkpoint, tmp_path / "server.log")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "teacher server stopped" in (tmp_path / "server.log").read_text()
