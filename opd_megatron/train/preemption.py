@@ -3,8 +3,9 @@
 Clusters stop jobs with a signal and a grace period: SLURM sends SIGTERM on preemption (``GraceTime``
 seconds before SIGKILL) and on ``scancel`` (``KillWait`` seconds before), and ``#SBATCH --signal=USR1@120`` sends SIGUSR1 that long before
 the time limit. Ctrl-C (SIGINT) does the same for a run in a terminal: the first one saves and stops
-after the current step, a second one aborts at once (``KeyboardInterrupt``) without saving. A signal handler must not save a Megatron checkpoint itself (it would run in the middle
-of a collective), so the handler only sets a flag; the trainer polls it once per step.
+after the current step, a second one aborts (``KeyboardInterrupt`` as soon as the main thread runs Python
+code again) without saving. A signal handler must not save a Megatron checkpoint itself (it would run in
+the middle of a collective), so the handler only sets a flag; the trainer polls it once per step.
 
 Contract with the trainer::
 
@@ -255,9 +256,8 @@ class PreemptionHandler:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: the interrupted code may be inside a collective or a file write.
-        if (
-            os.getpid() != self._pid
-        ):  # a forked helper inherited this handler: the signal is not its to act on
+        # A forked helper inherited this handler: the signal is not its to act on.
+        if os.getpid() != self._pid:
             return
         if signum == signal.SIGINT and threading.current_thread() is threading.main_thread():
             if self._received == signal.SIGINT:  # Ctrl-C twice: the user wants out now, unsaved
