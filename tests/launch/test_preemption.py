@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -338,7 +339,7 @@ def test_no_process_survives_a_kill_9_during_checkpoint_saves(tmp_path):
                 assert proc.stdout.readline().startswith("saved"), "the trainer stopped saving"
             helpers = [p for p in _processes_with(marker) if p != proc.pid]
             cmdlines = [Path(f"/proc/{p}/cmdline").read_bytes() for p in helpers if _alive(p)]
-            assert not [c for c in cmdlines if b"spawn_main" in c], "a spawned Manager process was started"
+            managers = [c for c in cmdlines if b"spawn_main" in c]
             time.sleep(rng.uniform(0.0, 0.5))
             proc.kill()
             proc.wait(timeout=30)
@@ -351,4 +352,8 @@ def test_no_process_survives_a_kill_9_during_checkpoint_saves(tmp_path):
             time.sleep(0.1)
         survivors = _processes_with(marker)
         details = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in survivors}
+        for pid in survivors:  # do not leave them behind when the test fails
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         assert not survivors, f"processes outlived the killed trainer: {details}"
+        assert not managers, "a spawned Manager process was started"
