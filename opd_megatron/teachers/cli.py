@@ -14,9 +14,11 @@ device would be served under torchrun, rank 0 answering HTTP and broadcasting ea
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -79,22 +81,36 @@ def run_serve(args) -> int:
         max_batch=args.max_batch,
         max_wait_s=max(0.0, args.max_wait_ms / 1000),
     )
-    server = build_teacher_server(
-        args.checkpoint,
-        name=args.name,
-        host=args.host,
-        port=args.port,
-        token=token,
-        limits=limits,
-        dtype=args.dtype,
-        log_requests=args.log_requests,
-    )
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("--port", f"must be in [0, 65535], got {args.port}")
+    try:
+        server = build_teacher_server(
+            args.checkpoint,
+            name=args.name,
+            host=args.host,
+            port=args.port,
+            token=token,
+            limits=limits,
+            dtype=args.dtype,
+            log_requests=args.log_requests,
+        )
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError("--port", f"{args.host}:{args.port} is already in use") from None
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EACCES) or isinstance(e, socket.gaierror):
+            raise ConfigError(
+                "--host", f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"
+            ) from None
+        raise
 
     def stop(signum, frame):
         # shutdown() waits for serve_forever to return, so it must run off the serving thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
+    # A trainer that started this server may have blocked its stop signals (and children inherit the
+    # mask across exec): unblocked, SIGTERM reaches the handler above and Ctrl-C stops the server.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     print(f"serving teacher {server.model_name} on {server.url}", flush=True)
     try:
         server.serve_forever()

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
+import re
+import reprlib
 import threading
 import time
 import urllib.parse
@@ -62,6 +65,7 @@ class RemoteTeacherClient:
         model: str | None = None,
         max_backoff_s: float = 10.0,
         max_prompts_per_request: int = 64,
+        vocab_size: int | None = None,
     ):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -75,6 +79,8 @@ class RemoteTeacherClient:
         )
         self.model = model
         self.max_prompts_per_request = max_prompts_per_request
+        self.vocab_size = vocab_size
+        """When given, answers naming a token id outside ``[0, vocab_size)`` are malformed."""
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         # Accept the base URL with or without vLLM's /v1 suffix.
         self._prefix = parts.path.rstrip("/").removesuffix("/v1")
@@ -134,8 +140,9 @@ class RemoteTeacherClient:
             if status == 200:
                 try:
                     return json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise self._fail(f"answer is not JSON ({e})") from None
+                # ValueError: also integers past Python's digit limit; RecursionError: absurd nesting.
+                except (ValueError, RecursionError) as e:
+                    raise self._fail(f"answer is not JSON ({type(e).__name__}: {str(e)[:200]})") from None
             message = _error_message(raw)
             if status in RETRY_STATUSES:
                 last = f"HTTP {status}: {message}"
@@ -163,9 +170,12 @@ class RemoteTeacherClient:
         if self.model is None:
             answer = self._request("GET", "/v1/models")
             try:
-                self.model = answer["data"][0]["id"]
+                model = answer["data"][0]["id"]
             except (KeyError, IndexError, TypeError):
-                raise self._fail(f"/v1/models answer lists no model: {str(answer)[:200]}") from None
+                model = None
+            if not isinstance(model, str) or not model:
+                raise self._fail(f"/v1/models answer lists no model: {_short(answer, 200)}")
+            self.model = model
         return self.model
 
     def score_topk(self, seqs: list[list[int]], k: int) -> list[PromptTopK]:
@@ -185,42 +195,105 @@ class RemoteTeacherClient:
             out += self._parse(chunk, k, self._request("POST", "/v1/completions", body))
         return out
 
-    def _parse(self, seqs: list[list[int]], k: int, answer: dict) -> list[PromptTopK]:
-        choices = answer.get("choices") if isinstance(answer, dict) else None
-        if not isinstance(choices, list) or len(choices) != len(seqs):
-            raise self._fail(
-                f"expected {len(seqs)} choices, got {len(choices) if isinstance(choices, list) else choices!r}"
+    def _parse(self, seqs: list[list[int]], k: int, answer) -> list[PromptTopK]:
+        try:
+            return parse_prompt_logprobs(answer, seqs, k, self.vocab_size)
+        except MalformedAnswer as e:
+            raise self._fail(f"malformed answer: {e}") from None
+
+
+class MalformedAnswer(ValueError):
+    """An answer that does not hold what the request asked for; the message says where and what."""
+
+
+_TOKEN_KEY_RE = re.compile(r"[0-9]{1,18}")  # decimal token ids, bounded (no '1e5', '+1', '1_0', '²')
+
+
+def _logprob(value, where: str) -> float:
+    # bool is an int in Python, and a teacher answering `true` is broken, not certain.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MalformedAnswer(f"{where}: logprob must be a number, got {_short(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value > _MAX_LOGPROB:
+        raise MalformedAnswer(f"{where}: logprob must be a finite number <= 0, got {value}")
+    return value
+
+
+_MAX_LOGPROB = 1e-4
+"""Rounding in a teacher's log-softmax can give a certain token a log-prob a hair above 0."""
+
+
+def _short(value, limit: int = 80) -> str:
+    return reprlib.repr(value)[:limit]
+
+
+def parse_prompt_logprobs(
+    answer, seqs: list[list[int]], k: int, vocab_size: int | None = None
+) -> list[PromptTopK]:
+    """Decode vLLM's ``prompt_logprobs`` answer for ``seqs`` into one :class:`PromptTopK` each.
+
+    Checks everything the loss relies on and raises :class:`MalformedAnswer` naming the prompt, the
+    position and the field otherwise: one choice per prompt (each ``index`` once), one entry per prompt
+    position, at least ``k`` candidates plus the prompt's own token at every position, token ids that are
+    decimal integers (below ``vocab_size`` when given), finite log-probs ``<= 0``.
+    """
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list):
+        raise MalformedAnswer(f"no 'choices' list in the answer (got {_short(answer)})")
+    if len(choices) != len(seqs):
+        raise MalformedAnswer(f"expected {len(seqs)} choices, got {len(choices)}")
+    by_index: dict[int, dict] = {}
+    for n, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            raise MalformedAnswer(f"choice {n} is not an object (got {_short(choice)})")
+        index = choice.get("index", n)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(seqs):
+            raise MalformedAnswer(
+                f"choice {n}: index must be an integer in [0, {len(seqs)}), got {_short(index)}"
             )
-        out = []
-        for choice in sorted(choices, key=lambda c: c.get("index", 0)):
-            seq = seqs[choice.get("index", 0)]
-            plp = choice.get("prompt_logprobs")
-            if not isinstance(plp, list) or len(plp) != len(seq):
-                raise self._fail(
-                    f"prompt_logprobs of prompt {choice.get('index')} does not have {len(seq)} entries"
+        if index in by_index:
+            raise MalformedAnswer(f"choice {n}: index {index} appears twice")
+        by_index[index] = choice
+    out = []
+    for i, seq in enumerate(seqs):
+        plp = by_index[i].get("prompt_logprobs")
+        if not isinstance(plp, list) or len(plp) != len(seq):
+            got = f"{len(plp)} entries" if isinstance(plp, list) else _short(plp)
+            raise MalformedAnswer(f"prompt {i}: prompt_logprobs must hold {len(seq)} entries, got {got}")
+        ids_LK, values_LK, token_lp_L = [], [], []
+        for pos in range(1, len(seq)):
+            where = f"prompt {i}, position {pos}"
+            entries = plp[pos]
+            if not isinstance(entries, dict):
+                raise MalformedAnswer(f"{where}: expected an object of candidates, got {_short(entries)}")
+            ranked = []
+            for key, entry in entries.items():
+                if not _TOKEN_KEY_RE.fullmatch(key) or (vocab_size is not None and int(key) >= vocab_size):
+                    bound = f" in [0, {vocab_size})" if vocab_size is not None else ""
+                    raise MalformedAnswer(f"{where}: token id {_short(key)} is not a decimal integer{bound}")
+                if not isinstance(entry, dict) or "logprob" not in entry:
+                    raise MalformedAnswer(f"{where}, token {key}: missing 'logprob' (got {_short(entry)})")
+                ranked.append((_logprob(entry["logprob"], f"{where}, token {key}"), int(key)))
+            own = str(seq[pos])
+            if len(ranked) < k or own not in entries:
+                raise MalformedAnswer(
+                    f"{where}: expected the top {k} tokens and token {seq[pos]}, got {len(ranked)} entries "
+                    f"(is the server's --max-logprobs >= {k}?)"
                 )
-            ids, values, token_lp = [], [], []
-            for pos in range(1, len(seq)):
-                entries = plp[pos] or {}
-                # Sorted by log-prob, not by dict order: the prompt's own token may come first (vLLM) and
-                # is only part of the top-k when it ranks there.
-                ranked = sorted(((v["logprob"], int(t)) for t, v in entries.items()), key=lambda x: -x[0])
-                if len(ranked) < k or str(seq[pos]) not in entries:
-                    raise self._fail(
-                        f"prompt {choice.get('index')}, position {pos}: expected the top {k} tokens and token "
-                        f"{seq[pos]}, got {len(ranked)} entries (is the server's --max-logprobs >= {k}?)"
-                    )
-                ids.append([t for _, t in ranked[:k]])
-                values.append([lp for lp, _ in ranked[:k]])
-                token_lp.append(entries[str(seq[pos])]["logprob"])
-            out.append(
-                PromptTopK(
-                    torch.tensor(ids, dtype=torch.long).reshape(-1, k),
-                    torch.tensor(values, dtype=torch.float32).reshape(-1, k),
-                    torch.tensor(token_lp, dtype=torch.float32),
-                )
+            # Sorted by log-prob, not by dict order: the prompt's own token may come first (vLLM) and is
+            # only part of the top-k when it ranks there.
+            ranked.sort(key=lambda x: -x[0])
+            ids_LK.append([t for _, t in ranked[:k]])
+            values_LK.append([lp for lp, _ in ranked[:k]])
+            token_lp_L.append(float(entries[own]["logprob"]))
+        out.append(
+            PromptTopK(
+                torch.tensor(ids_LK, dtype=torch.long).reshape(-1, k),
+                torch.tensor(values_LK, dtype=torch.float32).reshape(-1, k),
+                torch.tensor(token_lp_L, dtype=torch.float32),
             )
-        return out
+        )
+    return out
 
 
 def _error_message(raw: bytes) -> str:
@@ -229,11 +302,11 @@ def _error_message(raw: bytes) -> str:
         err = json.loads(raw)
         if isinstance(err, dict):
             inner = err.get("error", err)
-            if isinstance(inner, dict) and "message" in inner:
-                return str(inner["message"])
-            if "message" in err:
-                return str(err["message"])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+            for where in (inner, err):
+                if isinstance(where, dict) and "message" in where:
+                    message = where["message"]
+                    return message[:300] if isinstance(message, str) else _short(message, 300)
+    except (ValueError, RecursionError):
         pass
     return raw[:300].decode(errors="replace") or "(empty body)"
 

@@ -20,9 +20,13 @@ Concurrency: a threaded HTTP front end parses and validates each request, then h
 TP-split model would run the server under torchrun with rank 0 speaking HTTP and broadcasting each batch
 to the other ranks before the forward; that is not implemented.
 
-Security: binds 127.0.0.1 unless told otherwise; optional bearer token compared in constant time; the
-body size, the tokens per request and k are bounded; bad input gets a 4xx JSON error
-``{"error": {"message", "type", "code"}}`` and the server keeps serving. Slow clients time out.
+Security: binds 127.0.0.1 unless told otherwise, and so does everything else in the process: its
+one-process ``torch.distributed`` group uses an in-memory store (a TCP store would listen on every
+interface) and gloo bound to the loopback interface. Optional bearer token compared in constant time.
+The body size, the integers in it (digits), its nesting depth, the tokens per request and k are
+bounded. Every malformed request, down to a garbage request line or an unsupported method, gets a 4xx
+JSON error ``{"error": {"message", "type", "code"}}`` and the server keeps serving; only a failure of
+the model itself is a 500. Slow clients time out; a client that hangs up costs one log line.
 """
 
 from __future__ import annotations
@@ -30,12 +34,18 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import os
 import queue
+import re
+import reprlib
+import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -44,6 +54,15 @@ from opd_megatron.teachers.topk_scoring import PromptScores
 
 NEG_INF_LOGPROB = -9999.0
 """What vLLM sends for a -inf log-prob (JSON has no infinity)."""
+
+MAX_INT_DIGITS = 20
+"""Longest integer literal accepted in a request body (token ids and k need far fewer digits; without a
+bound, converting a huge literal is quadratic and Python refuses past 4300 digits)."""
+
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of arrays/objects accepted in a request body (a request needs 3)."""
+
+_CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,15}")
 
 
 @dataclass
@@ -63,12 +82,62 @@ class ServerLimits:
     """A client that sends nothing for this long is disconnected."""
 
 
+def _short(value, limit: int = 60) -> str:
+    """A bounded repr for error messages: a client's value may be huge or deeply nested."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(
+            400, f"an integer in the body has {len(literal)} digits; at most {MAX_INT_DIGITS} allowed"
+        )
+    return int(literal)
+
+
+def _json_depth_exceeds(value, limit: int) -> bool:
+    """Whether arrays/objects nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, list | dict):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json_body(raw: bytes):
+    """Decode a request body, bounded: integer literals of at most :data:`MAX_INT_DIGITS` digits and
+    nesting of at most :data:`MAX_JSON_DEPTH` levels; raises :class:`RequestError` (400) otherwise."""
+    try:
+        value = json.loads(raw, parse_int=_bounded_int)
+    except RecursionError:  # json's scanner recurses per level: a body of 100,000 '[' ends here
+        raise RequestError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise RequestError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
+    if isinstance(value, list | dict) and _json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise RequestError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
 class RequestError(Exception):
     """A request the server refuses; becomes an HTTP 4xx with an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+    def body(self) -> dict:
+        """OpenAI's error object; ``param`` names the request field at fault (or ``None``)."""
+        return {
+            "error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}
+        }
 
 
 def parse_completion_request(
@@ -76,26 +145,39 @@ def parse_completion_request(
 ) -> tuple[list[list[int]], int]:
     """Validate a completions request; return (token-id prompts, k) or raise :class:`RequestError`."""
     if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
+        raise RequestError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if model is not None and model != model_name:
+        shown = model if isinstance(model, str) and len(model) <= 100 else _short(model)
         raise RequestError(
-            404, f"The model `{model}` does not exist; this server serves `{model_name}`", "NotFoundError"
+            404,
+            f"The model `{shown}` does not exist; this server serves `{model_name}`",
+            "NotFoundError",
+            "model",
         )
     if body.get("stream"):
-        raise RequestError(400, "stream is not supported by this scoring server")
-    if body.get("max_tokens") != 0:
+        raise RequestError(400, "stream is not supported by this scoring server", param="stream")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or max_tokens != 0:
         raise RequestError(
-            400, f"this server only scores prompts: send max_tokens: 0 (got {body.get('max_tokens')!r})"
+            400,
+            f"this server only scores prompts: send max_tokens: 0 (got {_short(max_tokens)})",
+            param="max_tokens",
         )
     temperature = body.get("temperature", 1.0)
     if temperature not in (None, 1, 1.0):
         raise RequestError(
-            400, f"prompt log-probs are computed at temperature 1, got temperature={temperature!r}"
+            400,
+            f"prompt log-probs are computed at temperature 1, got temperature={_short(temperature)}",
+            param="temperature",
         )
     k = body.get("prompt_logprobs")
     if isinstance(k, bool) or not isinstance(k, int):
-        raise RequestError(400, f"prompt_logprobs must be an integer (the k of top-k), got {k!r}")
+        raise RequestError(
+            400,
+            f"prompt_logprobs must be an integer (the k of top-k), got {_short(k)}",
+            param="prompt_logprobs",
+        )
     if not 0 <= k <= min(limits.max_k, vocab_size):
         raise RequestError(
             400,
@@ -103,6 +185,7 @@ def parse_completion_request(
             f"{min(limits.max_k, vocab_size)}"
             if k > 0
             else f"prompt_logprobs must be >= 0, got {k}",
+            param="prompt_logprobs",
         )
     prompt = body.get("prompt")
     if (
@@ -115,22 +198,28 @@ def parse_completion_request(
         raise RequestError(
             400,
             "prompt must be a non-empty list of token ids or a list of such lists (text prompts are not supported)",
+            param="prompt",
         )
     total = sum(len(p) for p in prompt)
     if total > limits.max_tokens_per_request:
         raise RequestError(
             400,
             f"the request holds {total} prompt tokens; this server accepts at most {limits.max_tokens_per_request}",
+            param="prompt",
         )
     for i, p in enumerate(prompt):
         if not 0 < len(p) <= max_len:
             raise RequestError(
-                400, f"prompt {i} has {len(p)} tokens; allowed: 1 to {max_len} (the model's context)"
+                400,
+                f"prompt {i} has {len(p)} tokens; allowed: 1 to {max_len} (the model's context)",
+                param="prompt",
             )
         for j, t in enumerate(p):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise RequestError(
-                    400, f"prompt {i}, position {j}: token id {t!r} is not an integer in [0, {vocab_size})"
+                    400,
+                    f"prompt {i}, position {j}: token id {_short(t)} is not an integer in [0, {vocab_size})",
+                    param="prompt",
                 )
     return prompt, k
 
@@ -272,6 +361,16 @@ class TeacherHTTPServer(ThreadingHTTPServer):
         self.limits, self.token, self.decode, self.log_requests = limits, token, decode, log_requests
         self.started = time.time()
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up or stalled is routine: one line, no traceback. Anything else is a bug in
+        this server: the standard report (with traceback), and the server keeps serving."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            host, port = client_address[:2]
+            print(f"client {host}:{port} went away ({type(exc).__name__})", file=sys.stderr, flush=True)
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -298,7 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     # responses ----------------------------------------------------------------------------------
-    def _send_json(self, status: int, obj) -> None:
+    def _send_json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj, separators=(",", ":")).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -307,11 +406,40 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="teacher"')
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _send_error(self, e: RequestError) -> None:
-        self._send_json(e.status, {"error": {"message": e.message, "type": e.kind, "code": e.status}})
+    def _send_error(self, e: RequestError, headers: dict[str, str] | None = None) -> None:
+        self._send_json(e.status, e.body(), headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's error page, as this API's JSON error (it calls this for request lines,
+        headers and methods it cannot handle). A method without a handler is 405, not 501: the request
+        is at fault, not the server; an unsupported HTTP version is a bad request too."""
+        if self.request_version == "HTTP/0.9":  # no status line or headers in 0.9: answer as 1.0
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True  # after a malformed request line or header, the stream is suspect
+        headers = None
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, headers = HTTPStatus.METHOD_NOT_ALLOWED, {"Allow": "GET, POST"}
+            message = f"method {_short(self.command, 40)} is not supported; use GET or POST"
+        elif code >= 500:
+            code = HTTPStatus.BAD_REQUEST
+        text = message or HTTPStatus(code).phrase
+        if explain and explain != text:
+            text = f"{text}: {explain}"
+        self._send_error(RequestError(int(code), text[:300]), headers)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # "GET /path" with no version: no headers to answer with
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+            return False
+        return True
 
     # checks -------------------------------------------------------------------------------------
     def _check_auth(self) -> None:
@@ -320,7 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         given = self.headers.get("Authorization", "")
         # Constant-time comparison: response timing must not reveal how much of a guess was right.
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not hmac.compare_digest(given.encode(errors="replace"), f"Bearer {token}".encode()):
             raise RequestError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
                                "authentication_error")  # fmt: skip
 
@@ -328,22 +456,21 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
             raise RequestError(411, "a Content-Length header is required (chunked bodies are not accepted)")
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(400, f"bad Content-Length {length!r}") from None
-        if n < 0:
-            raise RequestError(400, f"bad Content-Length {length!r}")
+        if not _CONTENT_LENGTH_RE.fullmatch(length.strip()):
+            raise RequestError(400, f"bad Content-Length {_short(length)} (expected a byte count)")
+        n = int(length)
         if n > self.server.limits.max_body_bytes:
             raise RequestError(
                 413, f"request body of {n} bytes exceeds the limit of {self.server.limits.max_body_bytes}"
             )
-        raw = self.rfile.read(n)
-        self._body_read = True
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the body is not valid JSON: {e}") from None
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {self.timeout} s") from None
+        if len(raw) < n:  # the client closed its side early: nothing to parse, nobody to answer
+            raise ConnectionResetError(f"the body ended after {len(raw)} of {n} bytes")
+        self._body_read = True
+        return parse_json_body(raw)
 
     # routes -------------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -357,7 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
                          "max_model_len": self.server.max_len}  # fmt: skip
                 self._send_json(200, {"object": "list", "data": [model]})
             else:
-                raise RequestError(404, f"no route GET {self.path}", "NotFoundError")
+                raise RequestError(404, f"no route GET {self.path[:100]}", "NotFoundError")
         except RequestError as e:
             self._send_error(e)
 
@@ -366,22 +493,30 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.path not in ("/v1/completions", "/v1/completions/"):
                 raise RequestError(
-                    404, f"no route POST {self.path}; this server answers /v1/completions", "NotFoundError"
+                    404,
+                    f"no route POST {self.path[:100]}; this server answers /v1/completions",
+                    "NotFoundError",
                 )
             self._check_auth()
             body = self._read_json()
             s = self.server
             seqs, k = parse_completion_request(body, s.limits, s.model_name, s.vocab_size, s.max_len)
-            scores = s.worker.submit(seqs, k)
-            self._send_json(200, self._response(seqs, scores))
         except RequestError as e:
             if not self._body_read:  # unread body bytes would be taken for the next request
                 self.close_connection = True
             self._send_error(e)
-        except Exception as e:  # a model failure: 500, the server stays up
+            return
+        try:
+            scores = s.worker.submit(seqs, k)
+        except Exception as e:  # the model failed on valid input: a server fault (500); it stays up
             self._send_json(
-                500, {"error": {"message": f"scoring failed: {e}", "type": "internal_error", "code": 500}}
-            )
+                500,
+                {"error": {"message": f"scoring failed: {str(e)[:300]}", "type": "internal_error",
+                           "param": None, "code": 500}},
+            )  # fmt: skip
+            return
+        # Writing the answer may fail if the client left meanwhile; handle_error logs that in one line.
+        self._send_json(200, self._response(seqs, scores))
 
     def _response(self, seqs: list[list[int]], scores: list[PromptScores]) -> dict:
         decode = self.server.decode
@@ -423,6 +558,49 @@ def make_decoder(tokenizer) -> Callable[[int], str | None]:
     return decode
 
 
+def loopback_interface() -> str | None:
+    """The name of the loopback network interface (``lo`` on Linux), or ``None`` if none is found."""
+    for name in sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else []:
+        try:
+            flags = int(open(f"/sys/class/net/{name}/flags").read().strip(), 16)  # noqa: SIM115
+        except (OSError, ValueError):
+            continue
+        if flags & 0x8:  # IFF_LOOPBACK
+            return name
+    return None
+
+
+def init_local_process_group() -> None:
+    """torch.distributed for this one process, reachable from this process only.
+
+    ``init_process_group``'s default TCP store listens on every interface (whatever ``MASTER_ADDR`` says:
+    that is only where clients connect). One rank needs no rendezvous, so an in-memory store does; gloo
+    (and NCCL's bootstrap) still open sockets for their groups, so they are pinned to the loopback
+    interface unless the caller chose one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    lo = loopback_interface()
+    if lo is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``OSError`` now if ``host:port`` cannot be bound, before minutes of model loading."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+        probe.bind((host, port))
+
+
 def build_teacher_server(
     checkpoint: str,
     *,
@@ -436,7 +614,8 @@ def build_teacher_server(
 ) -> TeacherHTTPServer:
     """Load a checkpoint of this project into a one-process (TP=1) model and bind the HTTP server to it
     (``port=0``: a free port; read it from ``server.url``). Call ``serve_forever`` or ``start_in_thread``;
-    the worker thread is already running."""
+    the worker thread is already running. A port that cannot be bound raises ``OSError`` before the
+    model loads."""
     from pathlib import Path
 
     from opd_megatron.config import ParallelConfig
@@ -447,10 +626,12 @@ def build_teacher_server(
     from opd_megatron.tokenization import load_tokenizer
 
     limits = limits or ServerLimits()
+    check_port_free(host, port)
     ckpt = resolve_checkpoint(checkpoint)
     cfg = read_config(ckpt)
     tokenizer = load_tokenizer(ckpt / "tokenizer") if (Path(ckpt) / "tokenizer").is_dir() else None
     vocab = read_meta(ckpt).get("real_vocab_size") or (tokenizer.vocab_size if tokenizer else None)
+    init_local_process_group()
     groups = init_distributed(ParallelConfig())  # one process, TP=1: gloo on CPU, nccl on a GPU
     model = build_gpt_model(cfg.model, groups, vocab, frozen=True, params_dtype=dtype, initialize=False)
     load_model_weights(ckpt, model)
@@ -473,6 +654,8 @@ def build_teacher_server(
 __all__ = [
     "BatchingWorker",
     "build_teacher_server",
+    "init_local_process_group",
+    "parse_json_body",
     "RequestError",
     "ServerLimits",
     "TeacherHTTPServer",

@@ -2,12 +2,18 @@
 
 Only the global rank 0 writes. JSONL lines are flushed as they are written so a crashed run keeps every
 step it finished.
+
+Resume: a run killed after logging step ``S + 3`` but resuming from its checkpoint at step ``S`` replays
+steps ``S + 1 ..``; their old records would then appear twice. ``MetricsLogger(..., resume_step=S)``
+(or :func:`truncate_metrics`) keeps the records up to step ``S`` in ``metrics.jsonl`` and moves the rest,
+and any torn last line, to ``metrics.discarded.jsonl``, so nothing is lost and nothing is duplicated.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,25 +28,79 @@ def _clean(v: Any) -> Any:
     return v
 
 
+DISCARDED_NAME = "metrics.discarded.jsonl"
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keep the records of ``path`` with ``step <= step``; move the others (and unparsable lines, such as
+    a line torn by a kill) to ``metrics.discarded.jsonl`` next to it. Returns how many lines moved.
+
+    The discarded lines are appended and flushed to disk before the log is replaced (atomically), so a
+    crash in between leaves a line in both files, never in neither."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            recorded = record.get("step") if isinstance(record, dict) else None
+            ok = isinstance(recorded, int) and recorded <= step
+        except ValueError:
+            ok = False
+        (keep if ok else drop).append(line)
+    if not drop:
+        return 0
+    with open(path.with_name(DISCARDED_NAME), "a") as fh:
+        fh.write("".join(f"{line}\n" for line in drop))
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    os.replace(tmp, path)
+    return len(drop)
+
+
 class MetricsLogger:
-    """Writes ``metrics.jsonl`` (one object per record, with ``kind``: train/eval/...) and TensorBoard."""
+    """Writes ``metrics.jsonl`` (one object per record, with ``kind``: train/eval/...) and TensorBoard.
+
+    ``resume=True`` appends to an existing log; ``resume_step=S`` (which implies it) first truncates the
+    log to step ``S`` (:func:`truncate_metrics`) and drops TensorBoard events after ``S``.
+    """
 
     def __init__(
-        self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume: bool = False
+        self,
+        output_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume: bool = False,
+        *,
+        resume_step: int | None = None,
     ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.discarded = 0
+        """Records moved to ``metrics.discarded.jsonl`` when this logger opened (``resume_step``)."""
         self._fh = None
         self._tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            if resume_step < 0:
+                raise ValueError(f"resume_step must be >= 0, got {resume_step}")
+            resume = True
+            self.discarded = truncate_metrics(self.path, resume_step)
         self._fh = open(self.path, "a" if resume else "w")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                # purge_step: events at and after it, left by the killed run, are dropped on resume.
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
             except ImportError:
                 self._tb = None
 

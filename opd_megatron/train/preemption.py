@@ -1,9 +1,11 @@
-"""Graceful preemption: turn SIGTERM / SIGUSR1 into "save a checkpoint, then stop (and requeue)".
+"""Graceful preemption: turn SIGTERM / SIGUSR1 / SIGINT into "save a checkpoint, then stop (and requeue)".
 
 Clusters stop jobs with a signal and a grace period: SLURM sends SIGTERM on preemption (``GraceTime``
 seconds before SIGKILL) and on ``scancel`` (``KillWait`` seconds before), and ``#SBATCH --signal=USR1@120`` sends SIGUSR1 that long before
-the time limit. A signal handler must not save a Megatron checkpoint itself (it would run in the middle
-of a collective), so the handler only sets a flag; the trainer polls it once per step.
+the time limit. Ctrl-C (SIGINT) does the same for a run in a terminal: the first one saves and stops
+after the current step, a second one aborts (``KeyboardInterrupt`` as soon as the main thread runs Python
+code again) without saving. A signal handler must not save a Megatron checkpoint itself (it would run in
+the middle of a collective), so the handler only sets a flag; the trainer polls it once per step.
 
 Contract with the trainer::
 
@@ -37,6 +39,16 @@ every process started from it afterwards inherits (fork and spawn alike), and un
 small receiver thread, so this process still sees them while its helpers do not. Install the handler
 before anything starts helper processes; a helper started earlier stays exposed.
 
+No orphans: a helper must not outlive its trainer (after a ``kill -9`` or an OOM kill nothing else will
+stop it). For every process *forked* after :meth:`PreemptionHandler.install` (Megatron's checkpoint
+write workers, fork-mode data-loader workers), a fork hook asks Linux for ``SIGKILL`` when its parent dies
+(``prctl(PR_SET_PDEATHSIG)``) and restores the signal mask of before the install: the child keeps the
+inherited Python handler, which only sets a flag, so a job-wide SIGTERM still does not kill it, and a
+plain ``kill`` of it works again once it is no longer a helper. Processes started by *exec* (spawn-mode
+multiprocessing, ``subprocess``) run no hook: they inherit the blocked mask and no death signal, so they
+must handle that themselves (``serve-teacher`` unblocks its stop signals; the checkpoint saver avoids
+Megatron's spawned Manager process altogether, see ``opd_megatron.models.checkpoint``).
+
 torchrun and signals: the torchrun agent forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers and
 SIGKILLs them 30 s later; SIGUSR1 *kills torchrun* unless ``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it.
 The launchers in ``opd_megatron.launch`` and ``slurm/`` set that variable. As SLURM signals torchrun
@@ -45,6 +57,7 @@ too, the final save must fit in those 30 s (and in the cluster's grace period).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -60,6 +73,7 @@ __all__ = [
     "EXIT_PREEMPTED",
     "PreemptionHandler",
     "request_slurm_requeue",
+    "set_parent_death_signal",
     "slurm_job_id",
     "slurm_requeue_allowed",
 ]
@@ -67,7 +81,68 @@ __all__ = [
 EXIT_PREEMPTED = 75
 """Exit code of a run that stopped on a signal after saving its checkpoint (sysexits ``EX_TEMPFAIL``)."""
 
-DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl():
+    """libc's ``prctl``, resolved once in the parent: a forked child must not load libraries (another
+    thread may have held the loader's lock at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Have Linux send ``sig`` to this process when the thread that started it exits (the parent's
+    main thread, for a process forked from it). False where that is not available."""
+    return _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+class _ForkGuard:
+    """What the fork hooks need; ``mask`` is None while no handler is installed (the hooks, registered
+    once per process, cannot be removed)."""
+
+    mask: set[signal.Signals] | None = None
+    registered = False
+    parent_pid = 0
+    from_main_thread = False
+
+    @classmethod
+    def before_fork(cls) -> None:
+        cls.parent_pid = os.getpid()
+        cls.from_main_thread = threading.current_thread() is threading.main_thread()
+
+    @classmethod
+    def after_fork_in_child(cls) -> None:
+        if cls.mask is None:
+            return
+        # The death signal follows the forking *thread*: only the main thread lives as long as the process.
+        if (
+            cls.from_main_thread
+            and set_parent_death_signal(signal.SIGKILL)
+            and os.getppid() != cls.parent_pid
+        ):
+            os._exit(1)  # the parent died before the request took effect
+        signal.pthread_sigmask(signal.SIG_SETMASK, cls.mask)
+
+    @classmethod
+    def activate(cls, mask: set[signal.Signals] | None) -> None:
+        if not cls.registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(before=cls.before_fork, after_in_child=cls.after_fork_in_child)
+            cls.registered = True
+        cls.mask = mask
+
 
 _SCONTROL_TIMEOUT_S = 30
 
@@ -121,6 +196,7 @@ class PreemptionHandler:
     def __init__(self, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS):
         self.signals: tuple[signal.Signals, ...] = tuple(signal.Signals(s) for s in signals)
         self._event = threading.Event()
+        self._pid = os.getpid()
         self._received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._previous_mask: set[signal.Signals] | None = None
@@ -152,6 +228,7 @@ class PreemptionHandler:
         # Block first, then start the receiver: it inherits the block and lifts it for itself only, so a
         # signal arriving in between stays pending and is delivered to it; none is lost.
         self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        _ForkGuard.activate(set(self._previous_mask))
         stop = threading.Event()
 
         def receive() -> None:
@@ -171,6 +248,7 @@ class PreemptionHandler:
         if self._previous_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
             self._previous_mask = None
+            _ForkGuard.activate(None)
         if self._receiver_stop is not None and self._receiver is not None:
             self._receiver_stop.set()
             self._receiver.join(timeout=5)
@@ -178,6 +256,19 @@ class PreemptionHandler:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only set a flag: the interrupted code may be inside a collective or a file write.
+        # A forked helper inherited this handler: the signal is not its to act on.
+        if os.getpid() != self._pid:
+            return
+        if signum == signal.SIGINT and threading.current_thread() is threading.main_thread():
+            if self._received == signal.SIGINT:  # Ctrl-C twice: the user wants out now, unsaved
+                raise KeyboardInterrupt
+            if self._received is None:
+                print(
+                    "\n[preemption] Ctrl-C: saving a checkpoint after this step, then stopping "
+                    "(Ctrl-C again to abort without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if self._received is None:
             self._received = signal.Signals(signum)
         self._event.set()
