@@ -416,8 +416,9 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     output_dir: str = "runs/default"
-    resume: bool = True
-    """Resume from the latest checkpoint in ``output_dir`` when one exists."""
+    resume: bool | Literal["force"] = True
+    """Resume from the newest intact checkpoint in ``output_dir`` when one exists (one of another job
+    kind, architecture, tokenizer or objective is an error); ``force`` resumes across such a change."""
     init_checkpoint: str | None = None
     """Initial weights (a checkpoint directory) for a fresh run."""
     progress: bool = True

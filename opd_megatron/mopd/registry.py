@@ -60,7 +60,7 @@ def build_teacher(
     if tcfg.placement == "remote":
         token = os.environ.get(tcfg.token_env) if tcfg.token_env else None
         client = RemoteTeacherClient(
-            tcfg.url, tcfg.name, token, timeout_s=tcfg.timeout_s, retries=tcfg.retries
+            tcfg.url, tcfg.name, token, timeout_s=tcfg.timeout_s, retries=tcfg.retries, vocab_size=vocab
         )
         # Only the rank that talks to the service checks it (see RemoteTeacher).
         if groups.is_last_stage and groups.tp_rank == 0 and not client.health():

@@ -22,7 +22,8 @@ import torch
 from opd_megatron.config import RunConfig, save_config
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.checkpoint import (
-    latest_checkpoint,
+    check_run_identity,
+    find_resume_checkpoint,
     load_model_weights,
     load_rank_state,
     read_meta,
@@ -107,17 +108,25 @@ class TrainingRun:
             rank_state=self.rank_state(),
             keep_last=self.tc.keep_last,
             extra_models=self.extra_models(),
+            job=self.kind,
         )
 
     def resume(self) -> int:
-        """Load the latest checkpoint of this run's output directory (when ``train.resume``); returns
-        the step to continue from (0 for a fresh start)."""
-        ckpt = latest_checkpoint(self.out_dir / "checkpoints") if self.tc.resume else None
+        """Load the newest intact checkpoint of this run's output directory (when ``train.resume``;
+        damaged newer ones are reported and skipped); returns the step to continue from (0 for a fresh
+        start). A checkpoint of another job kind, architecture, tokenizer or objective is an error unless
+        ``train.resume: force``."""
+        self.resumed_from = None
+        if not self.tc.resume:
+            return 0
+        ckpt = find_resume_checkpoint(self.out_dir / "checkpoints")
         if ckpt is None:
             return 0
+        check_run_identity(ckpt, self.cfg, self.kind, force=self.tc.resume == "force")
         load_model_weights(ckpt, self.model)
         self.on_resume(ckpt)
         self.load_rank_state(load_rank_state(ckpt, self.groups))
+        self.resumed_from = ckpt
         return read_meta(ckpt)["step"]
 
     # ------------------------------------------------------------------ the run
@@ -129,7 +138,14 @@ class TrainingRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out_dir / "config.yaml")
             print(self.describe(start), flush=True)
-        metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume=start > 0)
+        if start >= tc.steps:  # already finished: nothing to train, log or save again
+            if g.is_main:
+                print(
+                    f"{self.kind} {self.cfg.name}: finished at step {start}; {self.resumed_from}", flush=True
+                )
+            return RunSummary(start, {}, self.evaluate(), self.resumed_from, time.monotonic() - t_start)
+        # On resume the log keeps the records up to the checkpoint (later ones move to a side file).
+        metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume_step=start if start else None)
         preempt = PreemptionHandler.install()
         first = self.evaluate() if start == 0 else {}
         if first:
