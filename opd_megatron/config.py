@@ -79,10 +79,14 @@ def _check_literals(obj: Any) -> None:
             args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
             lits = [a for a in args if typing.get_origin(a) is Literal]
             if lits:
-                allowed[name] = typing.get_args(lits[0]) + ((None,) if type(None) in args else ())
+                other = tuple(a for a in args if a is not type(None) and a not in lits and isinstance(a, type))
+                allowed[name] = (typing.get_args(lits[0]) + ((None,) if type(None) in args else ()), other)
         _LITERALS[cls] = allowed
-    for name, options in _LITERALS[cls].items():
-        _one_of(getattr(obj, name), options, name)
+    for name, (options, other) in _LITERALS[cls].items():
+        value = getattr(obj, name)
+        if not (other and isinstance(value, other)):  # e.g. ``bool | Literal["force"]``
+            also = f", or a {' or '.join(t.__name__ for t in other)}" if other else ""
+            _check(value in options, name, f"got {value!r}; allowed: {', '.join(map(repr, options))}{also}")
 
 
 def _finite(value: float, path: str) -> None:
