@@ -20,6 +20,14 @@ Patched, and why each is safe on CPU:
    tied embeddings and PP > 1 it moves the last stage's copy of the embedding to CUDA before the
    all-reduce that makes both copies equal; on CPU the copy is already where the all-reduce needs it.
    The identity is in force only for the duration of that call.
+
+One more patch is not about CUDA but about Transformer Engine being absent, so it is applied whenever
+TE cannot be imported (CPU, or a GPU machine without TE), by :func:`activate_te_absent_compat`:
+
+6. ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` -> ``None``. The MoE router's gating
+   matmul checks ``te_general_gemm is not None`` to choose TE's GEMM or ``torch.mm``, but without TE
+   the module never defines the name, so every MoE forward raises ``NameError`` (megatron-core 0.16.1).
+   ``None`` selects the ``torch.mm`` branch the code already has.
 """
 
 from __future__ import annotations
@@ -75,9 +83,18 @@ def _without_cuda_moves(fn):
     return wrapper
 
 
+def activate_te_absent_compat() -> None:
+    """Patch 6: define the TE name megatron-core's MoE router tests for when TE is not installed."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU patches when CUDA is absent. Returns True when they are active."""
     global _ACTIVE
+    activate_te_absent_compat()
     if torch.cuda.is_available():
         return False
     if _ACTIVE:
