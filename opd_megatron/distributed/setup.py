@@ -39,6 +39,8 @@ class ParallelGroups:
     """Expert-parallel group (mixture-of-experts models): ranks that hold different experts of a layer."""
     ep_rank: int = 0
     ep_size: int = 1
+    expert_dp_rank: int = 0
+    """Rank among the replicas of this rank's experts (data parallelism left over after EP)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -128,6 +130,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
         ep_group=ps.get_expert_model_parallel_group(),
         ep_rank=ps.get_expert_model_parallel_rank(),
         ep_size=ep,
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
     )
 
 
