@@ -29,6 +29,7 @@ TOKENS = 100  # the tokenizer's size
 ROWS = 120  # embedding rows of the Qwen models: more than the tokenizer has tokens
 SEQ = 10
 FAMILIES = ("qwen3", "llama3", "moe", "moe_raw")
+WIDE = 136  # embedding rows of a second Qwen3 with the same tokenizer (the teacher of the pairing test)
 
 
 def _write_tokenizer(directory: Path) -> None:
@@ -74,9 +75,11 @@ def _hf_model(family: str):
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, **moe, norm_topk_prob=family == "moe"))
 
 
-def _make(directory: Path, family: str, seed: int):
+def _make(directory: Path, family: str, seed: int, rows: int | None = None):
     torch.manual_seed(seed)
     model = _hf_model(family)
+    if rows is not None:
+        model.resize_token_embeddings(rows)
     with torch.no_grad():  # norms random too, so a mix-up of q_norm and k_norm cannot hide
         for _, p in model.named_parameters():
             p.copy_(1.0 + 0.3 * torch.randn_like(p)) if p.dim() == 1 else p.normal_(0.0, 0.15)
@@ -139,6 +142,9 @@ def _run_all(rank, root):
         ckpt[fam] = m.checkpoint
         out[f"{fam}_converted"] = m.converted
     out["again"] = materialise(root / "qwen3", groups, root / "cache").converted
+    out["pairing"] = _pair_through_registry(
+        groups, ckpt["qwen3"], materialise(root / "wide", groups, root / "cache")
+    )
     out["ckpt"] = {k: str(v) for k, v in ckpt.items()}
     ids = _inputs()
     for fam in FAMILIES:
@@ -165,6 +171,27 @@ def _run_all(rank, root):
     return out
 
 
+def _pair_through_registry(groups, student_ckpt, teacher):
+    """The run's teacher registry pairs a student and a teacher whose embeddings differ in rows but whose
+    tokenizer is the same; both hold the tokenizer's rows, in identical vocabulary shards."""
+    from opd_megatron.config import RunConfig, TeacherConfig
+    from opd_megatron.models.gpt import output_weight
+    from opd_megatron.mopd.registry import build_teacher
+    from opd_megatron.tokenization import load_tokenizer
+
+    student = _load(groups, student_ckpt)
+    tcfg = TeacherConfig(name="wide", checkpoint=str(teacher.checkpoint))
+    cfg = RunConfig(model=live_cfg(student_ckpt), tokenizer=teacher.tokenizer, teachers=[tcfg])
+    cfg.parallel.tensor_model_parallel_size = groups.tp_size
+    t = build_teacher(0, tcfg, cfg, groups, load_tokenizer(cfg.tokenizer), prompt_fn=None)
+    return {
+        "rows": (teacher.model.vocab_size, live_cfg(student_ckpt).vocab_size),
+        "padded": (t.model.padded_vocab_size, student.padded_vocab_size),
+        "shard": (output_weight(t.model).shape[0], output_weight(student).shape[0]),
+        "teacher_logits": _logits(t.model, groups, _inputs()),
+    }
+
+
 def live_cfg(ckpt):
     from opd_megatron.models.checkpoint import read_config
 
@@ -179,6 +206,9 @@ def run(tmp_path_factory):
         model = _make(root / fam, fam, seed)
         with torch.no_grad():
             ref[fam] = model(_inputs()).logits[..., :TOKENS]
+    wide = _make(root / "wide", "qwen3", 9, rows=WIDE)
+    with torch.no_grad():
+        ref["wide"] = wide(_inputs()).logits[..., :TOKENS]
     results = run_ranks(_run_all, 2, timeout=600, args=(str(root),))
     return root, ref, results
 
@@ -240,6 +270,15 @@ def test_materialise_converts_once_and_records_the_tokenizer_vocabulary(run):
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["real_vocab_size"] == TOKENS and meta["tp"] == 2
     assert not list((root / "cache").glob(".*"))  # no staging directory left behind
+
+
+def test_teacher_and_student_with_different_rows_pair_up(run):
+    _, ref, results = run
+    for r in results:
+        pairing = r["pairing"]
+        assert pairing["rows"] == (WIDE, ROWS)
+        assert pairing["padded"] == (112, 112) and pairing["shard"] == (56, 56)
+        torch.testing.assert_close(pairing["teacher_logits"], ref["wide"], atol=1e-4, rtol=0)
 
 
 def test_live_model_holds_only_the_tokenizer_rows(run):
