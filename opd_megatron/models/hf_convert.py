@@ -721,7 +721,7 @@ def import_hf_checkpoint(
     make_vocab_size_divisible_by: int = 16,
     overwrite: bool = False,
 ) -> Path:
-    """Convert an HF Llama/Qwen2 safetensors checkpoint into a checkpoint of this project.
+    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE safetensors checkpoint into a checkpoint of this project.
 
     Collective: every rank of ``groups`` calls it. Each rank reads only its slices of the HF tensors
     into its own model stage (built without random init), so peak memory per process is about its share
@@ -893,6 +893,12 @@ def add_hf_to_megatron_args(p) -> None:
     )
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
     p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel size to convert an MoE model at (spreads its experts)",
+    )
+    p.add_argument(
         "--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="parameter dtype (default: the HF one)"
     )
     p.add_argument(
@@ -929,7 +935,7 @@ def add_convert_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="direction", required=True)
     a = sub.add_parser(
         "hf-to-megatron",
-        help="HF Llama/Qwen2 safetensors -> Megatron distributed checkpoint",
+        help="HF Llama/Qwen2/Qwen3/Qwen3-MoE safetensors -> Megatron distributed checkpoint",
         description="Under torchrun with TP*PP ranks it converts at --tp/--pp; the result loads at any TP/PP.",
     )
     add_hf_to_megatron_args(a)
@@ -945,7 +951,7 @@ def run_convert(args) -> int:
 
     from opd_megatron.distributed import destroy_distributed, init_distributed
 
-    tp, pp = (args.tp, args.pp) if args.direction == "hf-to-megatron" else (1, 1)
+    tp, pp, ep = (args.tp, args.pp, args.ep) if args.direction == "hf-to-megatron" else (1, 1, 1)
     if args.direction == "hf-to-megatron":
         try:  # a config this converter cannot handle fails here, before any distributed start-up
             model_config_from_hf(read_hf_config(args.hf_dir))
@@ -953,15 +959,23 @@ def run_convert(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (tp * pp):
+    if world % (tp * pp * ep):
         print(
-            f"error: converting at TP={tp} PP={pp} needs a multiple of {tp * pp} processes (got {world}): "
-            f"launch with torchrun --nproc-per-node {tp * pp}, or convert at TP=1 PP=1 (the checkpoint "
-            "reshards on load)",
+            f"error: converting at TP={tp} PP={pp} EP={ep} needs a multiple of {tp * pp * ep} processes (got "
+            f"{world}): launch with torchrun --nproc-per-node {tp * pp * ep}, or convert at TP=1 PP=1 EP=1 (the "
+            "checkpoint reshards on load)",
             file=sys.stderr,
         )
         return 2
-    groups = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    try:
+        groups = init_distributed(
+            ParallelConfig(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            )
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         if args.direction == "hf-to-megatron":

@@ -431,3 +431,42 @@ def test_content_hash_follows_bytes_not_paths(qwen3_dir, tmp_path):
     cfg = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6}))
     assert content_hash(copy) != content_hash(qwen3_dir)
+
+
+def _published(arch, **fields):
+    base = {"architectures": [arch], "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    "hf, params, head_dim",
+    [
+        # Public config.json values of released checkpoints; parameter counts as published (rounded).
+        (_published("Qwen3ForCausalLM", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+         8.19e9, 128),
+        (_published("Qwen3ForCausalLM", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+         4.02e9, 128),
+        (_published("Qwen3MoeForCausalLM", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                    num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                    tie_word_embeddings=False),
+         30.5e9, 128),
+        (_published("LlamaForCausalLM", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                    rope_theta=500000.0),
+         8.03e9, 128),
+    ],
+)  # fmt: skip
+def test_released_configs_map_to_their_published_sizes(hf, params, head_dim):
+    import math
+
+    from opd_megatron.models.hf_convert import hf_tensor_shapes
+
+    _, cfg = model_config_from_hf(hf)
+    assert cfg.kv_channels == head_dim
+    total = sum(math.prod(s) for s in hf_tensor_shapes(cfg).values())
+    assert total == pytest.approx(params, rel=0.01)
