@@ -164,6 +164,13 @@ def _run_all(rank, root):
     out["moe_greedy"] = _greedy(moe, groups, ids)
     export_hf(moe, live_cfg(ckpt["moe"]), ckpt["moe"] / "hf", root / "moe_live", groups)
 
+    # PP=2: each stage writes its own shard; the tied Qwen3's last-stage copy of the embedding is not.
+    groups = init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
+    for fam in ("qwen3", "llama3"):
+        export_hf(
+            _load(groups, ckpt[fam]), live_cfg(ckpt[fam]), ckpt[fam] / "hf", root / f"{fam}_pp2", groups
+        )
+
     groups = layout(tp=1)
     for fam in FAMILIES:
         out[f"{fam}_tp1"] = _logits(_load(groups, ckpt[fam]), groups, ids)
@@ -311,6 +318,28 @@ def test_live_export_loads_in_transformers_with_same_logits_and_greedy(run, fami
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False)
     assert text.startswith("<|im_start|>user\nw5<|im_end|>")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_export_from_two_pipeline_stages(run, family):
+    from transformers import AutoModelForCausalLM
+
+    root, ref, _ = run
+    out = root / f"{family}_pp2"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert index["weight_map"]["model.layers.1.input_layernorm.weight"] == "model-00002-of-00002.safetensors"
+    src = HFWeights(root / family)
+    back = HFWeights(out)
+    assert sorted(back.names()) == sorted(
+        n for n in src.names() if n != "lm_head.weight" or family == "llama3"
+    )
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(_inputs()).logits[..., :TOKENS], ref[family], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
