@@ -41,6 +41,9 @@ class ParallelGroups:
     ep_size: int = 1
     expert_dp_rank: int = 0
     """Rank among the replicas of this rank's experts (data parallelism left over after EP)."""
+    expert_dp_group: dist.ProcessGroup | None = None
+    """The replicas of this rank's experts: expert gradients are summed over this group, not
+    ``dp_group`` (whose other members hold other experts when EP > 1)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -131,6 +134,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
         ep_rank=ps.get_expert_model_parallel_rank(),
         ep_size=ep,
         expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
     )
 
 

@@ -62,8 +62,10 @@ def build_transformer_config(cfg: ModelConfig, groups: ParallelGroups, params_dt
             moe_router_score_function="softmax",
             moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
-            # allgather dispatch is plain collectives (runs on gloo); no grouped GEMM without its kernels.
-            moe_token_dispatcher_type="allgather",
+            # all-to-all dispatch lets the ranks of an EP group route different numbers of tokens (data-
+            # parallel ranks hold different batches); allgather would need equal counts. No grouped GEMM
+            # without its kernels.
+            moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             expert_model_parallel_size=groups.ep_size,
         )

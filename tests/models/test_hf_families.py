@@ -163,6 +163,7 @@ def _run_all(rank, root):
     moe = _load(groups, ckpt["moe"])
     out["moe_greedy"] = _greedy(moe, groups, ids)
     export_hf(moe, live_cfg(ckpt["moe"]), ckpt["moe"] / "hf", root / "moe_live", groups)
+    out["uneven"] = _uneven_ep_step(groups, _load(groups, ckpt["moe"]), rank)
 
     # PP=2: each stage writes its own shard; the tied Qwen3's last-stage copy of the embedding is not.
     groups = init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
@@ -176,6 +177,27 @@ def _run_all(rank, root):
         out[f"{fam}_tp1"] = _logits(_load(groups, ckpt[fam]), groups, ids)
         export_hf_checkpoint(ckpt[fam], root / f"{fam}_back", groups)
     return out
+
+
+def _uneven_batch(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(40 + rank)
+    return torch.randint(0, TOKENS, (1 + rank, 6 + 3 * rank), generator=g)
+
+
+def _uneven_ep_step(groups, model, rank):
+    """EP ranks with batches of different shapes (as data-parallel ranks have): logits, and the gradient
+    of each rank's experts, which receive tokens of both ranks' batches."""
+    model.train()
+    ids = _uneven_batch(rank)
+    out = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    logits = out[..., :TOKENS]
+    logits.pow(2).mean().backward()
+    first = groups.ep_rank * len(model.decoder.layers[0].mlp.experts.local_experts)
+    grads = {}
+    for layer in model.decoder.layers:
+        for i, expert in enumerate(layer.mlp.experts.local_experts):
+            grads[(layer.layer_number - 1, first + i)] = expert.linear_fc2.weight.grad.clone()
+    return logits.detach().clone(), grads
 
 
 def _pair_through_registry(groups, student_ckpt, teacher):
@@ -234,6 +256,29 @@ def test_logits_equal_transformers(run, family, layout):
     assert ref[family].abs().max() > 0.5  # large enough for the tolerance to mean something
     for rank_out in results:
         torch.testing.assert_close(rank_out[f"{family}_{layout}"], ref[family], atol=1e-4, rtol=0)
+
+
+def test_expert_parallel_ranks_with_different_batches(run):
+    """Both ranks' losses reach every expert: its gradient is that of the sum of the two ranks' losses."""
+    from transformers import AutoModelForCausalLM
+
+    root, _, results = run
+    hf = AutoModelForCausalLM.from_pretrained(root / "moe").eval()
+    total = 0.0
+    for rank, r in enumerate(results):
+        logits = hf(_uneven_batch(rank)).logits[..., :TOKENS]
+        torch.testing.assert_close(r["uneven"][0], logits.detach(), atol=1e-4, rtol=0)
+        total = total + logits.pow(2).mean()
+    total.backward()
+    owned = {key: g for r in results for key, g in r["uneven"][1].items()}
+    assert sorted(owned) == [(layer, e) for layer in range(2) for e in range(4)]
+    for (layer, e), grad in owned.items():
+        experts = hf.model.layers[layer].mlp.experts
+        # transformers 5 stacks the experts into one [experts, hidden, expert ffn] parameter.
+        fused = isinstance(experts.down_proj, torch.nn.Parameter)
+        expected = experts.down_proj.grad[e] if fused else experts[e].down_proj.weight.grad
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_experts_are_split_over_the_ep_group(run):
