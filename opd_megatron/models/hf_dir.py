@@ -40,6 +40,7 @@ from opd_megatron.models.hf_safetensors import SAFETENSORS_INDEX, ConversionErro
 
 __all__ = [
     "Materialised",
+    "apply_hf_model_config",
     "content_hash",
     "guess_chat_template",
     "is_hf_dir",
@@ -138,6 +139,34 @@ def merge_model_config(
                 f"given {value!r} but the HF config says {merged[name]!r}; remove the field or fix it",
             )
     return ModelConfig(**merged)
+
+
+def apply_hf_model_config(data: dict, source: str = "train.init_checkpoint") -> dict:
+    """Fill a raw run-config mapping's ``model`` (and, when absent, ``tokenizer``) from the HF directory
+    at the dotted path ``source``, before the mapping becomes a RunConfig (whose checks need the real
+    head counts). The fields the mapping already has in ``model`` are checked against the HF config
+    (:func:`merge_model_config`). A mapping whose ``source`` is not an HF directory is returned as is.
+    Reads only config.json and the tokenizer files; no process group is needed.
+    """
+    from opd_megatron.config import to_dict
+
+    node = data
+    for part in source.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, str) or not is_hf_dir(node):
+        return data
+    try:
+        from_hf, tokenizer = model_config_from_hf(node)
+    except ConversionError as e:
+        raise ConfigError(source, str(e)) from None
+    given = data.get("model") or {}
+    if not isinstance(given, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(given).__name__}")
+    out = dict(data)
+    out["model"] = to_dict(merge_model_config(given, from_hf))
+    if "tokenizer" not in data:
+        out["tokenizer"] = to_dict(tokenizer)
+    return out
 
 
 def _same_derived(name: str, value, cfg: ModelConfig) -> bool:

@@ -451,6 +451,21 @@ def test_merge_model_config_names_both_values(qwen3_dir):
         merge_model_config(ModelConfig(num_layers=3, hidden_size=32, head_dim=12), cfg)
 
 
+def test_run_config_mapping_takes_model_and_tokenizer_from_the_hf_directory(qwen3_dir):
+    from opd_megatron.config import RunConfig, from_dict
+    from opd_megatron.models.hf_dir import apply_hf_model_config
+
+    raw = {"train": {"init_checkpoint": str(qwen3_dir)}, "model": {"params_dtype": "bf16"},
+           "parallel": {"tensor_model_parallel_size": 2}}  # fmt: skip
+    cfg = from_dict(RunConfig, apply_hf_model_config(raw))
+    assert (cfg.model.hidden_size, cfg.model.head_dim, cfg.model.params_dtype) == (32, 12, "bf16")
+    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.chat_template == "chatml"
+    plain = {"train": {"init_checkpoint": "runs/x/checkpoints"}}
+    assert apply_hf_model_config(plain) is plain
+    with pytest.raises(ConfigError, match=r"model\.num_attention_heads: given 8 but the HF config says 4"):
+        apply_hf_model_config({**raw, "model": {"num_attention_heads": 8}})
+
+
 def _copy_dir(src: Path, dst: Path, skip=()) -> Path:
     dst.mkdir()
     for f in src.iterdir():
