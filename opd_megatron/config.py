@@ -79,7 +79,9 @@ def _check_literals(obj: Any) -> None:
             args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
             lits = [a for a in args if typing.get_origin(a) is Literal]
             if lits:
-                other = tuple(a for a in args if a is not type(None) and a not in lits and isinstance(a, type))
+                other = tuple(
+                    a for a in args if a is not type(None) and a not in lits and isinstance(a, type)
+                )
                 allowed[name] = (typing.get_args(lits[0]) + ((None,) if type(None) in args else ()), other)
         _LITERALS[cls] = allowed
     for name, (options, other) in _LITERALS[cls].items():
@@ -143,6 +145,11 @@ class ModelConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     """Query heads; must be divisible by the tensor-parallel size."""
+    head_dim: int | None = None
+    """Size of one attention head (Megatron's ``kv_channels``); ``None``: ``hidden_size /
+    num_attention_heads``. Qwen3 sets it explicitly (e.g. 128 with hidden 2048 and 16 heads)."""
+    qk_layernorm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; ``None`` means one per query head (MHA)."""
     ffn_hidden_size: int | None = None
@@ -154,11 +161,33 @@ class ModelConfig:
     power-of-two TP up to this value the padded size, and so the checkpoint layout, is TP-independent."""
     max_sequence_length: int = 128
     rotary_base: float = 10000.0
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE frequency scaling: ``linear`` divides every frequency by ``rope_scaling_factor`` (position
+    interpolation); ``llama3`` is Llama-3.1's banded rescaling (``rope_scaling_factor``,
+    ``rope_low_freq_factor``, ``rope_high_freq_factor``, ``rope_original_max_position``)."""
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    """``llama3``: wavelengths above ``rope_original_max_position / this`` are divided by the factor."""
+    rope_high_freq_factor: float = 4.0
+    """``llama3``: wavelengths below ``rope_original_max_position / this`` are kept."""
+    rope_original_max_position: int = 8192
+    """``llama3``: the context length the model was pre-trained at."""
     tie_embeddings: bool = True
     """Share the input embedding and the output layer."""
     add_qkv_bias: bool = False
     """Bias on the fused QKV projection (Qwen2 family)."""
     norm_epsilon: float = 1e-5
+    num_experts: int | None = None
+    """Mixture of experts: routed experts per layer (every layer is an MoE layer); ``None``: dense MLP."""
+    moe_router_topk: int = 2
+    """Experts each token is sent to."""
+    moe_ffn_hidden_size: int | None = None
+    """SwiGLU inner size of one expert; ``None``: ``ffn_hidden_size``."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (Qwen3-MoE's ``norm_topk_prob``); False
+    keeps the softmax over all experts."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of Megatron's load-balancing auxiliary loss (0: none)."""
     init_method_std: float = 0.02
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -172,11 +201,39 @@ class ModelConfig:
             _check(
                 int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}"
             )
-        _check(
-            self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size",
-            f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}",
-        )
+        if self.head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0,
+                "hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads} "
+                "(set head_dim for a head size other than hidden_size / num_attention_heads)",
+            )
+        else:
+            _check(self.head_dim > 0, "head_dim", f"must be a positive integer, got {self.head_dim!r}")
+        if self.rope_scaling != "none":
+            _check(
+                self.rope_scaling_factor >= 1.0,
+                "rope_scaling_factor",
+                f"must be >= 1 with rope_scaling={self.rope_scaling!r}, got {self.rope_scaling_factor}",
+            )
+        if self.rope_scaling == "llama3":
+            _check(
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+                "rope_low_freq_factor",
+                f"must be in (0, rope_high_freq_factor={self.rope_high_freq_factor}), "
+                f"got {self.rope_low_freq_factor}",
+            )
+            _check(self.rope_original_max_position > 0, "rope_original_max_position", "must be > 0")
+        if self.num_experts is not None:
+            _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+            _check(
+                1 <= self.moe_router_topk <= self.num_experts,
+                "moe_router_topk",
+                f"must be in [1, num_experts={self.num_experts}], got {self.moe_router_topk}",
+            )
+            _check(self.moe_aux_loss_coeff >= 0, "moe_aux_loss_coeff", "must be >= 0")
+        if self.moe_ffn_hidden_size is not None:
+            _check(self.moe_ffn_hidden_size > 0, "moe_ffn_hidden_size", "must be > 0")
         if self.num_query_groups is not None:
             _check(
                 self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
@@ -196,6 +253,15 @@ class ModelConfig:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    @property
+    def kv_channels(self) -> int:
+        """Size of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_size
+
 
 @dataclass
 class ParallelConfig:
@@ -203,6 +269,10 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    """Mixture-of-experts models: the experts of each layer are split over this many ranks. It must
+    divide ``model.num_experts`` and the data-parallel size (Megatron forms expert groups out of the
+    data-parallel ranks; attention stays data-parallel across them)."""
     sequence_parallel: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """``auto``: nccl when CUDA is available, else gloo."""
@@ -213,6 +283,7 @@ class ParallelConfig:
         _check_literals(self)
         _check(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
+        _check(self.expert_model_parallel_size >= 1, "expert_model_parallel_size", "must be >= 1")
 
     @property
     def tp(self) -> int:
@@ -605,6 +676,14 @@ class RunConfig:
             "parallel.pipeline_model_parallel_size",
             f"PP={pp} does not divide model.num_layers={self.model.num_layers}",
         )
+        ep = self.parallel.expert_model_parallel_size
+        if ep > 1:
+            _check(
+                self.model.num_experts is not None and self.model.num_experts % ep == 0,
+                "parallel.expert_model_parallel_size",
+                f"EP={ep} needs a mixture-of-experts model whose num_experts it divides "
+                f"(model.num_experts={self.model.num_experts})",
+            )
         names = [t.name for t in self.teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "teachers", f"teacher names must be unique; repeated: {', '.join(dup)}")

@@ -1,6 +1,6 @@
 """Make Megatron-core's CUDA assumptions harmless on a CPU-only machine.
 
-Megatron-core runs forward/backward on CPU with gloo, but three places assume CUDA exists. This module
+Megatron-core runs forward/backward on CPU with gloo, but a few places assume CUDA exists. This module
 patches exactly those, and only when ``torch.cuda.is_available()`` is False, so GPU runs are untouched.
 It is idempotent; :func:`opd_megatron.distributed.init_distributed` calls it.
 
@@ -20,6 +20,22 @@ Patched, and why each is safe on CPU:
    tied embeddings and PP > 1 it moves the last stage's copy of the embedding to CUDA before the
    all-reduce that makes both copies equal; on CPU the copy is already where the all-reduce needs it.
    The identity is in force only for the duration of that call.
+
+6. ``megatron.core.transformer.moe.token_dispatcher.torch`` -> the same proxy, whose ``cuda`` gives
+   no-op streams and events. The all-to-all token dispatcher (the one that lets expert-parallel ranks
+   route different numbers of tokens) copies its split sizes device-to-host on a side CUDA stream and
+   waits on an event before the all-to-all; on CPU the split sizes are already host tensors, so there
+   is nothing to copy or wait for. Its ``maybe_move_tensor_to_cpu`` also converts the split sizes to
+   NumPy only for CUDA tensors, and ``all_to_all_single`` rejects a tensor as split sizes: on CPU the
+   dispatcher gets a version that does the NumPy conversion for host tensors too.
+
+One more patch is not about CUDA but about Transformer Engine being absent, so it is applied whenever
+TE cannot be imported (CPU, or a GPU machine without TE), by :func:`activate_te_absent_compat`:
+
+7. ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` -> ``None``. The MoE router's gating
+   matmul checks ``te_general_gemm is not None`` to choose TE's GEMM or ``torch.mm``, but without TE
+   the module never defines the name, so every MoE forward raises ``NameError`` (megatron-core 0.16.1).
+   ``None`` selects the ``torch.mm`` branch the code already has.
 """
 
 from __future__ import annotations
@@ -56,6 +72,49 @@ class _CpuTorchProxy(types.ModuleType):
         return torch.tensor(*args, device=self._cpu(device), **kwargs)
 
 
+class _HostEvent:
+    def synchronize(self) -> None:
+        pass
+
+
+class _HostStream:
+    """A CUDA stream stand-in on CPU: work is synchronous, so waiting and recording are no-ops."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> _HostEvent:
+        return _HostEvent()
+
+
+class _HostCuda(types.SimpleNamespace):
+    """``torch.cuda`` as the MoE token dispatcher sees it on CPU: streams and events are no-ops."""
+
+    Stream = _HostStream
+
+    @staticmethod
+    def current_stream(device=None) -> _HostStream:
+        return _HostStream()
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext(stream)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorchWithHostStreams(_CpuTorchProxy):
+    cuda = _HostCuda()
+
+
+def _host_tensor(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``maybe_move_tensor_to_cpu`` for tensors that are already on the host."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 @contextlib.contextmanager
 def _tensor_cuda_is_identity():
     original = torch.Tensor.cuda
@@ -75,9 +134,18 @@ def _without_cuda_moves(fn):
     return wrapper
 
 
+def activate_te_absent_compat() -> None:
+    """Patch 7: define the TE name megatron-core's MoE router tests for when TE is not installed."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU patches when CUDA is absent. Returns True when they are active."""
     global _ACTIVE
+    activate_te_absent_compat()
     if torch.cuda.is_available():
         return False
     if _ACTIVE:
@@ -93,6 +161,10 @@ def activate_cpu_compat() -> bool:
     LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(  # 5
         LanguageModule.setup_embeddings_and_output_layer
     )
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.torch = _CpuTorchWithHostStreams("torch")  # 6
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
     _ACTIVE = True
     return True
 

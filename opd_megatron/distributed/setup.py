@@ -35,6 +35,15 @@ class ParallelGroups:
     pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
     embd_group: dist.ProcessGroup | None = None
     """First and last pipeline stage of this TP/DP slice: where tied embeddings live twice."""
+    ep_group: dist.ProcessGroup | None = None
+    """Expert-parallel group (mixture-of-experts models): ranks that hold different experts of a layer."""
+    ep_rank: int = 0
+    ep_size: int = 1
+    expert_dp_rank: int = 0
+    """Rank among the replicas of this rank's experts (data parallelism left over after EP)."""
+    expert_dp_group: dist.ProcessGroup | None = None
+    """The replicas of this rank's experts: expert gradients are summed over this group, not
+    ``dp_group`` (whose other members hold other experts when EP > 1)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -77,11 +86,16 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
     world = dist.get_world_size()
-    tp, pp = parallel.tp, parallel.pp
+    tp, pp, ep = parallel.tp, parallel.pp, parallel.expert_model_parallel_size
     if world % (tp * pp) != 0:
         raise ConfigError(
             "parallel",
             f"world size {world} is not divisible by TP*PP = {tp}*{pp}; launch a multiple of {tp * pp} processes",
+        )
+    if (world // (tp * pp)) % ep != 0:
+        raise ConfigError(
+            "parallel.expert_model_parallel_size",
+            f"EP={ep} must divide the data-parallel size {world // (tp * pp)} (world {world} / TP {tp} / PP {pp})",
         )
 
     from megatron.core import parallel_state as ps
@@ -89,11 +103,15 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     if ps.model_parallel_is_initialized() and (
-        ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp
+        ps.get_tensor_model_parallel_world_size() != tp
+        or ps.get_pipeline_model_parallel_world_size() != pp
+        or ps.get_expert_model_parallel_world_size() != ep
     ):
         ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+        )
     # Megatron's RNG tracker gives TP ranks different dropout/init streams where they must differ.
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -113,6 +131,11 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
         pg_collection=pgs,
         embd_group=ps.get_embedding_group(check_initialized=False) if pp > 1 else None,
+        ep_group=ps.get_expert_model_parallel_group(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ep,
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
     )
 
 

@@ -1,8 +1,19 @@
 """Build Llama-style Megatron-core GPTModels from a :class:`ModelConfig`.
 
-Llama style: RMSNorm, SwiGLU MLP without biases, rotary position embeddings, grouped-query attention,
-optionally tied embeddings and (Qwen2) a bias on the QKV projection. The vocabulary is padded so each
-tensor-parallel rank holds an equal shard; padded rows are masked out by the losses and the sampler.
+Llama style: RMSNorm, SwiGLU MLP without biases, rotary position embeddings (optionally scaled, see
+:mod:`opd_megatron.models.rope`), grouped-query attention, optionally tied embeddings, (Qwen2) a bias on
+the QKV projection, (Qwen3) per-head query/key RMSNorm and a head size other than ``hidden / heads``,
+and (Qwen3-MoE) a routed mixture of SwiGLU experts in every layer, split over the expert-parallel group.
+
+Vocabulary rows. ``model.real_vocab_size`` is the vocabulary the tokenizer can produce; the losses and
+the sampler take it as ``vocab_size`` and give every row at or beyond it neither probability nor loss
+mass. Real checkpoints often carry more embedding rows than their tokenizer has tokens (Qwen2/Qwen3:
+151,936 rows for 151,665 tokens; ``model.vocab_size`` is the checkpoint's row count). A model built for
+training or scoring holds only the rows its tokenizer can reach, padded to a TP-divisible size: loading
+a checkpoint with more rows drops the unused ones (dist-checkpointing stores the embedding with
+``allow_shape_mismatch``), so a student and a teacher of one family that share a tokenizer but differ in
+row count get identical vocabulary shards at any TP. Conversion builds with ``all_rows=True`` and keeps
+every row, so an import followed by an export gives back identical tensors.
 """
 
 from __future__ import annotations
@@ -13,8 +24,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from opd_megatron.config import ModelConfig
+from opd_megatron.config import ConfigError, ModelConfig
 from opd_megatron.distributed import ParallelGroups
+from opd_megatron.models.rope import rope_inv_freq
 from opd_megatron.models.specs import build_layer_spec, resolve_impl
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,13 +51,37 @@ def build_transformer_config(cfg: ModelConfig, groups: ParallelGroups, params_dt
     kwargs = {}
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+    if cfg.num_experts is not None:
+        kwargs.update(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.expert_ffn_size,
+            # Softmax over all experts, then top-k (probabilities not renormalised) is Megatron's
+            # pre-softmax; top-k logits, then softmax over the k, equals renormalised top-k probabilities.
+            moe_router_pre_softmax=not cfg.moe_norm_topk_prob,
+            moe_router_score_function="softmax",
+            moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            # all-to-all dispatch lets the ranks of an EP group route different numbers of tokens (data-
+            # parallel ranks hold different batches); allgather would need equal counts. No grouped GEMM
+            # without its kernels.
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            expert_model_parallel_size=groups.ep_size,
+        )
+    elif groups.ep_size > 1:
+        raise ConfigError(
+            "parallel.expert_model_parallel_size",
+            f"EP={groups.ep_size} needs a mixture-of-experts model (model.num_experts is unset)",
+        )
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.query_groups,
         ffn_hidden_size=cfg.ffn_size,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        kv_channels=cfg.kv_channels,
+        qk_layernorm=cfg.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,
@@ -85,26 +121,35 @@ def build_gpt_model(
     frozen: bool = False,
     params_dtype: str | None = None,
     initialize: bool = True,
+    all_rows: bool = False,
 ):
     """Build this rank's GPTModel stage.
 
-    ``vocab_size`` is the real vocabulary (from the tokenizer) when ``cfg.vocab_size`` is unset; the
-    embedding is padded to a TP-divisible size and the real size is kept as ``model.real_vocab_size``.
+    ``vocab_size`` is the real vocabulary (the tokenizer's size); ``None`` takes ``cfg.vocab_size``. When
+    ``cfg.vocab_size`` (the checkpoint's embedding rows) is larger, only the first ``vocab_size`` rows are
+    built unless ``all_rows`` (conversion) keeps them all (see the module docstring). The embedding is
+    padded to a TP-divisible size; the real size is kept as ``model.real_vocab_size``.
     ``frozen`` builds a teacher: no gradients, eval mode (``params_dtype="bf16"`` halves its memory).
     ``initialize=False`` skips the random init (parameters hold arbitrary values) for callers that
     overwrite every parameter: init costs time and an fp32 copy of each weight at once.
     """
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    real_vocab = cfg.vocab_size or vocab_size
+    real_vocab = vocab_size if vocab_size is not None else cfg.vocab_size
     if real_vocab is None:
         raise ValueError("the vocabulary size must come from model.vocab_size or the tokenizer")
+    if cfg.vocab_size is not None and real_vocab > cfg.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"the tokenizer has {real_vocab} tokens but the model only {cfg.vocab_size} embedding rows",
+        )
+    rows = (cfg.vocab_size or real_vocab) if all_rows else real_vocab
     resolve_impl(cfg)  # raises a ConfigError for FP8 without TE/CUDA before anything is allocated
     tconfig = build_transformer_config(cfg, groups, params_dtype)
     tconfig.perform_initialization = initialize
     if seed is not None:
         torch.manual_seed(seed)
-    padded = padded_vocab_size(real_vocab, cfg.make_vocab_size_divisible_by, groups.tp_size)
+    padded = padded_vocab_size(rows, cfg.make_vocab_size_divisible_by, groups.tp_size)
     ctx = torch.device("cuda") if torch.cuda.is_available() else nullcontext()
     with ctx:
         model = GPTModel(
@@ -120,6 +165,11 @@ def build_gpt_model(
             rotary_base=int(cfg.rotary_base),
             pg_collection=groups.pg_collection,
         )
+    if cfg.rope_scaling != "none":
+        # Megatron's own Llama-3 scaling hard-codes the band edges; install the exact frequencies instead
+        # (before any forward: the model caches cos/sin per sequence length).
+        inv_freq = model.rotary_pos_emb.inv_freq
+        model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(inv_freq.device, inv_freq.dtype)
     model.real_vocab_size = real_vocab
     model.padded_vocab_size = padded
     if frozen:

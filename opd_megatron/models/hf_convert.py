@@ -1,9 +1,13 @@
-"""Hugging Face <-> Megatron checkpoint conversion for the Llama and Qwen2 families.
+"""Hugging Face <-> Megatron checkpoint conversion for the Llama, Qwen2, Qwen3 and Qwen3-MoE families.
 
-Both families are what :mod:`opd_megatron.models.gpt` builds: RMSNorm, SwiGLU, rotary embeddings
-(rotate-half, the same convention in both code bases, so query/key weights need no permutation),
-grouped-query attention, tied or untied embeddings, and for Qwen2 a bias on the query/key/value
-projections.
+All are what :mod:`opd_megatron.models.gpt` builds: RMSNorm, SwiGLU, rotary embeddings (rotate-half, the
+same convention in both code bases, so query/key weights need no permutation; Llama-3.x ``llama3`` and
+``linear`` RoPE scaling), grouped-query attention, tied or untied embeddings; Qwen2 adds a bias on the
+query/key/value projections; Qwen3 a per-head RMSNorm on queries and keys (``q_norm``/``k_norm`` ->
+``q_layernorm``/``k_layernorm``) and an explicit ``head_dim`` (Megatron's ``kv_channels``); Qwen3-MoE
+replaces every MLP by a softmax top-k router (``mlp.gate`` -> ``mlp.router``) over SwiGLU experts
+(``mlp.experts.{j}`` -> ``mlp.experts.local_experts.{j - first}`` on the expert-parallel rank that owns
+expert ``j``; experts are split evenly and in order over the EP group).
 
 Import builds this rank's GPTModel stage at the requested TP/PP, copies each HF tensor (only this rank's
 slice of it is read from disk) into the parameter it belongs to, and saves an ordinary checkpoint of this
@@ -33,7 +37,10 @@ Layout facts the mapping relies on:
   ``up_proj``; the distributed checkpoint stores the global ``[gate; up]``.
 * The embedding and output layer have ``padded_vocab_size`` rows (TP-divisible); padding rows are zero on
   import and dropped on export. They are stored with ``allow_shape_mismatch``, so a load at a TP size with
-  a different padding resizes them.
+  a different padding resizes them, and a model built for a smaller real vocabulary reads only its rows.
+* Embedding rows beyond the tokenizer (``config.json``'s ``vocab_size`` larger than ``tokenizer.json``)
+  are all imported and exported unchanged; the checkpoint's ``meta.json`` records the tokenizer's size as
+  ``real_vocab_size``, which is what samplers and losses see (see :mod:`opd_megatron.models.gpt`).
 
 A converted checkpoint also holds the HF side files under ``hf/`` (``config.json``,
 ``generation_config.json`` and the tokenizer files, verbatim), which export copies back.
@@ -67,12 +74,15 @@ __all__ = [
     "ConversionError",
     "HF_SIDE_DIR",
     "SUPPORTED_ARCHITECTURES",
+    "default_architecture",
     "export_hf_checkpoint",
     "fuse_qkv",
     "hf_config_from_model_config",
     "hf_tensor_shapes",
+    "hf_tokenizer_vocab_size",
     "import_hf_checkpoint",
     "model_config_from_hf",
+    "real_vocab_size",
     "split_qkv",
     "validate_hf_weights",
 ]
@@ -102,6 +112,9 @@ class _Family:
     qkv_bias: bool
     # Defaults of the transformers config class, for fields a config.json may omit.
     max_position_embeddings: int
+    qk_norm: bool = False
+    moe: bool = False
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
@@ -110,6 +123,12 @@ class _Family:
 SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
     "LlamaForCausalLM": _Family("llama", qkv_bias=False, max_position_embeddings=2048),
     "Qwen2ForCausalLM": _Family("qwen2", qkv_bias=True, max_position_embeddings=32768),
+    "Qwen3ForCausalLM": _Family(
+        "qwen3", qkv_bias=False, max_position_embeddings=32768, qk_norm=True, head_dim=128
+    ),
+    "Qwen3MoeForCausalLM": _Family(
+        "qwen3_moe", qkv_bias=False, max_position_embeddings=32768, qk_norm=True, moe=True
+    ),
 }
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -152,25 +171,74 @@ def _architecture(hf: dict) -> str:
     return known[0]
 
 
-def _rope_theta(hf: dict, family: _Family) -> float:
+_ROPE_WHY_NOT = {
+    "dynamic": "dynamic NTK scaling recomputes the frequencies from each sequence's length, and "
+    "megatron-core's RotaryEmbedding has fixed frequencies",
+    "yarn": "YaRN also scales cos/sin by an attention factor, which megatron-core 0.16.1 applies only in "
+    "its multi-latent attention, not in the GPT self-attention this model uses",
+}
+
+
+def _rope(hf: dict, family: _Family) -> dict:
+    """ModelConfig fields of the RoPE settings (``rotary_base`` and the ``rope_*`` scaling fields)."""
     # transformers >= 5 nests RoPE settings in rope_parameters; older configs use rope_theta/rope_scaling.
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    for source in (params, scaling):
-        kind = source.get("rope_type", source.get("type", "default"))
-        if kind not in (None, "default"):
-            raise ConversionError(
-                f"RoPE scaling {kind!r} is not supported (only plain RoPE): the Megatron model would "
-                "compute different rotary frequencies than the HF model"
-            )
-    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConversionError("partial_rotary_factor != 1 is not supported")
+    kinds = {s.get("rope_type", s.get("type", "default")) for s in (params, scaling) if s} - {None, "default"}
+    if len(kinds) > 1:
+        raise ConversionError(f"config.json: rope_parameters and rope_scaling disagree ({sorted(kinds)})")
+    kind = kinds.pop() if kinds else "default"
+    source = scaling if scaling.get("rope_type", scaling.get("type")) == kind else params
+    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConversionError("config.json: partial_rotary_factor != 1 is not supported")
     theta = float(params.get("rope_theta", hf.get("rope_theta", family.rope_theta)))
     if theta != int(theta):
         raise ConversionError(
-            f"rope_theta={theta} is not an integer; the Megatron model takes an integer base"
+            f"config.json: rope_theta={theta} is not an integer; the Megatron model takes an integer base"
         )
-    return theta
+    out: dict = {"rotary_base": theta}
+    if kind == "default":
+        return out
+    if kind not in ("linear", "llama3"):
+        why = _ROPE_WHY_NOT.get(kind, "the Megatron model would compute other rotary frequencies")
+        raise ConversionError(
+            f"config.json: RoPE scaling {kind!r} is not supported ({why}); supported: default, linear, llama3"
+        )
+    if source.get("factor") is None:
+        raise ConversionError(f"config.json: RoPE scaling {kind!r} lacks its 'factor'")
+    out.update(rope_scaling=kind, rope_scaling_factor=float(source["factor"]))
+    if kind == "llama3":
+        for key, field in (
+            ("low_freq_factor", "rope_low_freq_factor"),
+            ("high_freq_factor", "rope_high_freq_factor"),
+            ("original_max_position_embeddings", "rope_original_max_position"),
+        ):
+            if source.get(key) is None:
+                raise ConversionError(f"config.json: RoPE scaling 'llama3' lacks {key!r}")
+            out[field] = float(source[key]) if "factor" in key else int(source[key])
+    return out
+
+
+def _moe(hf: dict) -> dict:
+    """ModelConfig fields of a Qwen3-MoE config (every layer sparse, no shared expert)."""
+    missing = [
+        k for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if hf.get(k) is None
+    ]
+    if missing and not (missing == ["num_experts"] and hf.get("num_local_experts") is not None):
+        raise ConversionError(f"config.json lacks {', '.join(missing)}")
+    if int(hf.get("decoder_sparse_step", 1)) != 1 or hf.get("mlp_only_layers"):
+        raise ConversionError(
+            "config.json: decoder_sparse_step != 1 or mlp_only_layers (dense layers between MoE layers) is "
+            "not supported: every layer must be an MoE layer"
+        )
+    if hf.get("shared_expert_intermediate_size"):
+        raise ConversionError("config.json: shared experts are not supported")
+    return dict(
+        num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
+        moe_router_topk=int(hf["num_experts_per_tok"]),
+        moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+        moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
 
 
 def model_config_from_hf(
@@ -179,8 +247,8 @@ def model_config_from_hf(
     """The architecture name and the :class:`ModelConfig` of an HF ``config.json``.
 
     Raises :class:`ConversionError` for anything the Megatron model would compute differently
-    (unsupported architecture, RoPE scaling, biases other than Qwen2's QKV bias, sliding-window
-    attention, activations other than SiLU, a head size that is not ``hidden / heads``).
+    (unsupported architecture, RoPE scaling other than linear/llama3, biases other than Qwen2's QKV bias,
+    sliding-window attention, activations other than SiLU, MoE layouts other than Qwen3-MoE's).
     """
     arch = _architecture(hf)
     family = SUPPORTED_ARCHITECTURES[arch]
@@ -207,11 +275,14 @@ def model_config_from_hf(
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
         raise ConversionError("sliding-window attention is not supported")
     heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
-    if hidden % heads:
-        raise ConversionError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads}")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) != hidden // heads:
-        raise ConversionError(f"head_dim={head_dim} differs from hidden_size / num_attention_heads")
+    head_dim = hf.get("head_dim") or family.head_dim
+    if head_dim is None and hidden % heads:
+        raise ConversionError(
+            f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={heads} and there is "
+            "no head_dim"
+        )
+    # Only a head size that differs from hidden / heads needs recording (Megatron's kv_channels).
+    head_dim = int(head_dim) if head_dim is not None and int(head_dim) * heads != hidden else None
     if params_dtype is None:
         name = hf.get("dtype") or hf.get("torch_dtype")
         params_dtype = _DTYPE_NAMES.get(str(name).removeprefix("torch.")) if name else None
@@ -225,11 +296,14 @@ def model_config_from_hf(
             vocab_size=int(hf["vocab_size"]),
             make_vocab_size_divisible_by=make_vocab_size_divisible_by,
             max_sequence_length=int(hf.get("max_position_embeddings") or family.max_position_embeddings),
-            rotary_base=_rope_theta(hf, family),
             tie_embeddings=bool(hf.get("tie_word_embeddings", family.tie_word_embeddings)),
             add_qkv_bias=family.qkv_bias,
+            head_dim=head_dim,
+            qk_layernorm=family.qk_norm,
             norm_epsilon=float(hf.get("rms_norm_eps", family.rms_norm_eps)),
             params_dtype=params_dtype or "fp32",
+            **_rope(hf, family),
+            **(_moe(hf) if family.moe else {}),
         )
     except ConfigError as e:
         raise ConversionError(f"config.json does not describe a valid model: model.{e}") from None
@@ -255,6 +329,13 @@ def hf_config_from_model_config(
             f"{architecture} {'has' if family.qkv_bias else 'has no'} QKV bias but the checkpoint "
             f"{'has' if cfg.add_qkv_bias else 'has none'}; choose the other architecture"
         )
+    if cfg.qk_layernorm != family.qk_norm or (cfg.num_experts is not None) != family.moe:
+        raise ConversionError(
+            f"{architecture} {'has' if family.qk_norm else 'has no'} QK norm and "
+            f"{'MoE' if family.moe else 'dense'} layers, but the checkpoint has "
+            f"{'QK norm' if cfg.qk_layernorm else 'no QK norm'} and "
+            f"{'MoE' if cfg.num_experts is not None else 'dense'} layers; {_suggest_architecture(cfg)}"
+        )
     out = dict(base or {})
     dtype_name = str(dtype).removeprefix("torch.")
     out.update(
@@ -271,16 +352,50 @@ def hf_config_from_model_config(
         tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu",
     )
+    out.update(head_dim=cfg.kv_channels)
     if family.model_type == "llama":
-        out.update(head_dim=cfg.hidden_size // cfg.num_attention_heads, attention_bias=False, mlp_bias=False)
+        out.update(attention_bias=False, mlp_bias=False)
     else:
         out.update(use_sliding_window=False)
+        if family.model_type != "qwen2":
+            out.update(attention_bias=False)
+    if family.moe:
+        out.update(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.moe_router_topk,
+            moe_intermediate_size=cfg.expert_ffn_size,
+            norm_topk_prob=cfg.moe_norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    rope: dict = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling != "none":
+        rope.update(rope_type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position,
+        )
     if isinstance(out.get("rope_parameters"), dict):  # keep the generation of format the base used
-        out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": cfg.rotary_base}
+        out["rope_parameters"] = {**out["rope_parameters"], **rope}
     else:
-        out.update(rope_theta=cfg.rotary_base, rope_scaling=None)
+        out.update(rope_theta=cfg.rotary_base, rope_scaling=rope if cfg.rope_scaling != "none" else None)
     out["dtype" if "dtype" in out else "torch_dtype"] = dtype_name
     return out
+
+
+def _suggest_architecture(cfg: ModelConfig) -> str:
+    if cfg.num_experts is not None:
+        return "choose Qwen3MoeForCausalLM"
+    if cfg.qk_layernorm:
+        return "choose Qwen3ForCausalLM"
+    return "choose Qwen2ForCausalLM" if cfg.add_qkv_bias else "choose LlamaForCausalLM"
+
+
+def default_architecture(cfg: ModelConfig) -> str:
+    """The HF class that computes what ``cfg`` builds (for models trained here from scratch)."""
+    return _suggest_architecture(cfg).removeprefix("choose ")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,7 +407,7 @@ def hf_tensor_shapes(cfg: ModelConfig, vocab_size: int | None = None) -> dict[st
     """Every tensor an HF checkpoint of ``cfg`` holds, with its shape, in HF's own order."""
     v = vocab_size or cfg.vocab_size
     h, f = cfg.hidden_size, cfg.ffn_size
-    d = h // cfg.num_attention_heads
+    d = cfg.kv_channels
     q, kv = cfg.num_attention_heads * d, cfg.query_groups * d
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for i in range(cfg.num_layers):
@@ -306,10 +421,21 @@ def hf_tensor_shapes(cfg: ModelConfig, vocab_size: int | None = None) -> dict[st
             shapes[p + "self_attn.k_proj.bias"] = (kv,)
             shapes[p + "self_attn.v_proj.bias"] = (kv,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if cfg.qk_layernorm:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (f, h)
-        shapes[p + "mlp.up_proj.weight"] = (f, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, f)
+        if cfg.num_experts is None:
+            shapes[p + "mlp.gate_proj.weight"] = (f, h)
+            shapes[p + "mlp.up_proj.weight"] = (f, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, f)
+            continue
+        shapes[p + "mlp.gate.weight"] = (cfg.num_experts, h)
+        fe = cfg.expert_ffn_size
+        for j in range(cfg.num_experts):
+            shapes[p + f"mlp.experts.{j}.gate_proj.weight"] = (fe, h)
+            shapes[p + f"mlp.experts.{j}.up_proj.weight"] = (fe, h)
+            shapes[p + f"mlp.experts.{j}.down_proj.weight"] = (h, fe)
     shapes["model.norm.weight"] = (h,)
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (v, h)
@@ -392,8 +518,28 @@ def _norm_weight(norm: torch.nn.Module, fused_into: torch.nn.Module) -> torch.nn
     return weight
 
 
-def _links(model, cfg: ModelConfig) -> list[_Link]:
-    """Every parameter of this pipeline stage, paired with its HF source tensors."""
+def _mlp_links(mlp, p: str, cfg: ModelConfig, ep_rank: int, ep_size: int) -> list[_Link]:
+    """The dense MLP, or the router and this expert-parallel rank's experts of an MoE layer."""
+    if cfg.num_experts is None:
+        return [
+            _Link(mlp.linear_fc1.weight, (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), "fc1", 0),
+            _Link(mlp.linear_fc2.weight, (p + "mlp.down_proj.weight",), "copy", 1),
+        ]
+    local = mlp.experts.local_experts
+    # Megatron splits the experts of a layer into contiguous, equal blocks over the EP group.
+    assert len(local) * ep_size == cfg.num_experts, (len(local), ep_size, cfg.num_experts)
+    links = [_Link(mlp.router.weight, (p + "mlp.gate.weight",), "copy", None)]
+    for i, expert in enumerate(local):
+        e = f"{p}mlp.experts.{ep_rank * len(local) + i}."
+        links += [
+            _Link(expert.linear_fc1.weight, (e + "gate_proj.weight", e + "up_proj.weight"), "fc1", 0),
+            _Link(expert.linear_fc2.weight, (e + "down_proj.weight",), "copy", 1),
+        ]
+    return links
+
+
+def _links(model, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1) -> list[_Link]:
+    """Every parameter of this pipeline stage (and expert-parallel rank), paired with its HF tensors."""
     links: list[_Link] = []
     if model.pre_process:
         links.append(
@@ -414,14 +560,19 @@ def _links(model, cfg: ModelConfig) -> list[_Link]:
             _Link(attn.linear_qkv.weight, qkv_names, "qkv", 0),
             _Link(attn.linear_proj.weight, (p + "self_attn.o_proj.weight",), "copy", 1),
             _Link(
-                _norm_weight(layer.pre_mlp_layernorm, mlp.linear_fc1),
+                # An MoE layer keeps its own pre-MLP norm (nothing to fuse it into).
+                _norm_weight(layer.pre_mlp_layernorm, getattr(mlp, "linear_fc1", None)),
                 (p + "post_attention_layernorm.weight",),
                 "copy",
                 None,
             ),
-            _Link(mlp.linear_fc1.weight, (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), "fc1", 0),
-            _Link(mlp.linear_fc2.weight, (p + "mlp.down_proj.weight",), "copy", 1),
+            *_mlp_links(mlp, p, cfg, ep_rank, ep_size),
         ]
+        if cfg.qk_layernorm:
+            links += [
+                _Link(attn.q_layernorm.weight, (p + "self_attn.q_norm.weight",), "copy", None),
+                _Link(attn.k_layernorm.weight, (p + "self_attn.k_norm.weight",), "copy", None),
+            ]
         if cfg.add_qkv_bias:
             links.append(
                 _Link(attn.linear_qkv.bias, tuple(n.replace(".weight", ".bias") for n in qkv_names), "qkv", 0)
@@ -487,7 +638,9 @@ def _split(link: _Link, full: torch.Tensor, cfg: ModelConfig, real_vocab: int) -
 
 
 def _check_layout(cfg: ModelConfig, groups: ParallelGroups) -> None:
-    tp, pp = groups.tp_size, groups.pp_size
+    tp, pp, ep = groups.tp_size, groups.pp_size, groups.ep_size
+    if ep > 1 and (cfg.num_experts is None or cfg.num_experts % ep):
+        raise ConversionError(f"EP={ep} must divide the number of experts ({cfg.num_experts})")
     if cfg.num_attention_heads % tp or cfg.query_groups % tp:
         raise ConversionError(
             f"TP={tp} must divide the attention heads ({cfg.num_attention_heads}) and key/value heads "
@@ -532,6 +685,33 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)
 
 
+def hf_tokenizer_vocab_size(hf_dir: str | os.PathLike) -> int | None:
+    """Token ids of the directory's ``tokenizer.json`` (added tokens included), or None without one."""
+    path = Path(hf_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise ConversionError(f"{path}: not a readable tokenizer ({e})") from None
+
+
+def real_vocab_size(hf_dir: str | os.PathLike, embedding_rows: int) -> int:
+    """The vocabulary a model of ``hf_dir`` can produce: its tokenizer's size when there is one (Qwen
+    checkpoints carry more embedding rows than tokens), else every embedding row."""
+    tok = hf_tokenizer_vocab_size(hf_dir)
+    if tok is None:
+        return embedding_rows
+    if tok > embedding_rows:
+        raise ConversionError(
+            f"{Path(hf_dir) / 'tokenizer.json'}: {tok} tokens but config.json vocab_size={embedding_rows} "
+            "embedding rows; the tokenizer does not belong to these weights"
+        )
+    return tok
+
+
 def import_hf_checkpoint(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -541,7 +721,7 @@ def import_hf_checkpoint(
     make_vocab_size_divisible_by: int = 16,
     overwrite: bool = False,
 ) -> Path:
-    """Convert an HF Llama/Qwen2 safetensors checkpoint into a checkpoint of this project.
+    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE safetensors checkpoint into a checkpoint of this project.
 
     Collective: every rank of ``groups`` calls it. Each rank reads only its slices of the HF tensors
     into its own model stage (built without random init), so peak memory per process is about its share
@@ -565,6 +745,7 @@ def import_hf_checkpoint(
     )
     validate_hf_weights(weights, cfg)
     _check_layout(cfg, groups)
+    real_vocab = real_vocab_size(hf_dir, cfg.vocab_size)
     _check_output(out, overwrite)  # on every rank, so that all of them stop, not only rank 0
     staging = out.parent / f".{out.name}.partial"
     if _is_main():
@@ -573,10 +754,12 @@ def import_hf_checkpoint(
 
     # No random init: every parameter is overwritten below, and init would hold an fp32 copy of each
     # weight at once (about twice a bf16 model's memory at the peak).
-    model = build_gpt_model(cfg, groups, initialize=False)
+    # Every embedding row is kept (all_rows) so that export gives identical tensors back; the checkpoint
+    # records the tokenizer's size as its real vocabulary, and models built for training drop the rest.
+    model = build_gpt_model(cfg, groups, real_vocab, initialize=False, all_rows=True)
     filled: set[int] = set()
     with torch.no_grad():
-        for link in _links(model, cfg):
+        for link in _links(model, cfg, groups.ep_rank, groups.ep_size):
             pieces = _read_shard(weights, link, groups, model.padded_vocab_size)
             local = _combine(link, pieces, cfg, groups.tp_size)
             if local.shape != link.param.shape:
@@ -601,7 +784,9 @@ def import_hf_checkpoint(
         model=cfg,
         tokenizer=tokenizer,
         parallel=ParallelConfig(
-            tensor_model_parallel_size=groups.tp_size, pipeline_model_parallel_size=groups.pp_size
+            tensor_model_parallel_size=groups.tp_size,
+            pipeline_model_parallel_size=groups.pp_size,
+            expert_model_parallel_size=groups.ep_size,
         ),
     )
     saved = save_checkpoint(staging, 0, model, groups, config=run_cfg, keep_last=1)
@@ -619,6 +804,7 @@ def import_hf_checkpoint(
 
 
 def _export_plan(model, cfg: ModelConfig, real_vocab: int, dtype: torch.dtype) -> list[PlannedTensor]:
+    """``real_vocab`` here is the number of embedding rows written (the checkpoint's row count)."""
     producers: dict[str, Callable[[], torch.Tensor]] = {}
     for link in _links(model, cfg):
         for j, name in enumerate(link.hf_names):
@@ -646,28 +832,27 @@ def export_hf_checkpoint(
 
     Runs at TP=1/PP=1 (any extra data-parallel ranks take part in the collective load; rank 0 writes).
     ``dtype`` defaults to the checkpoint's; ``architecture`` to the one the checkpoint was imported from,
-    else Qwen2 when the model has a QKV bias and Llama otherwise. Returns ``out_dir``.
+    else the one whose layers the model has (:func:`default_architecture`). Returns ``out_dir``.
     """
     from opd_megatron.models.checkpoint import read_config, read_meta, resolve_checkpoint
     from opd_megatron.models.gpt import build_gpt_model
 
-    if groups.tp_size != 1 or groups.pp_size != 1:
+    if groups.tp_size != 1 or groups.pp_size != 1 or groups.ep_size != 1:
         raise ConversionError(
-            f"export runs at TP=1 and PP=1 (got TP={groups.tp_size}, PP={groups.pp_size}); the checkpoint "
+            f"export runs at TP=1, PP=1 and EP=1 (got TP={groups.tp_size}, PP={groups.pp_size}, "
+            f"EP={groups.ep_size}); the checkpoint "
             "reshards on load, whatever layout saved it"
         )
     ckpt, out = resolve_checkpoint(ckpt), Path(out_dir)
     cfg = read_config(ckpt).model
     real_vocab = read_meta(ckpt).get("real_vocab_size") or cfg.vocab_size
+    rows = max(cfg.vocab_size or 0, real_vocab)  # rows the checkpoint may hold beyond the tokenizer
     base_path = ckpt / HF_SIDE_DIR / "config.json"
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
     if architecture is None:
-        if base is not None:
-            architecture = _architecture(base)
-        else:
-            architecture = "Qwen2ForCausalLM" if cfg.add_qkv_bias else "LlamaForCausalLM"
+        architecture = _architecture(base) if base is not None else default_architecture(cfg)
     out_dtype = _TORCH_DTYPES[dtype or cfg.params_dtype]
-    hf_cfg = hf_config_from_model_config(cfg, real_vocab, architecture, out_dtype, base)
+    hf_cfg = hf_config_from_model_config(cfg, rows, architecture, out_dtype, base)
 
     try:
         max_bytes = parse_size(max_shard_size)
@@ -675,12 +860,12 @@ def export_hf_checkpoint(
         raise ConversionError(f"max_shard_size: {e}") from None
     _check_output(out, overwrite)  # fail before the (long) load, not after it
 
-    model = build_gpt_model(cfg, groups, real_vocab, frozen=True, initialize=False)  # loaded below
+    model = build_gpt_model(cfg, groups, real_vocab, frozen=True, initialize=False, all_rows=True)
     _load_weights(ckpt, model)
     if _is_main():
         staging = out.parent / f".{out.name}.partial"
         _prepare_output(out, staging, overwrite)
-        write_sharded(staging, _export_plan(model, cfg, real_vocab, out_dtype), max_bytes)
+        write_sharded(staging, _export_plan(model, cfg, rows, out_dtype), max_bytes)
         side = [n for n in HF_SIDE_FILES if n != "config.json"]
         copy_files(ckpt / HF_SIDE_DIR, staging, side)
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
@@ -707,6 +892,12 @@ def add_hf_to_megatron_args(p) -> None:
         "--tp", type=int, default=1, help="tensor-parallel size to convert at (launch TP*PP ranks)"
     )
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=1,
+        help="expert-parallel size to convert an MoE model at (spreads its experts)",
+    )
     p.add_argument(
         "--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="parameter dtype (default: the HF one)"
     )
@@ -744,7 +935,7 @@ def add_convert_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="direction", required=True)
     a = sub.add_parser(
         "hf-to-megatron",
-        help="HF Llama/Qwen2 safetensors -> Megatron distributed checkpoint",
+        help="HF Llama/Qwen2/Qwen3/Qwen3-MoE safetensors -> Megatron distributed checkpoint",
         description="Under torchrun with TP*PP ranks it converts at --tp/--pp; the result loads at any TP/PP.",
     )
     add_hf_to_megatron_args(a)
@@ -760,7 +951,7 @@ def run_convert(args) -> int:
 
     from opd_megatron.distributed import destroy_distributed, init_distributed
 
-    tp, pp = (args.tp, args.pp) if args.direction == "hf-to-megatron" else (1, 1)
+    tp, pp, ep = (args.tp, args.pp, args.ep) if args.direction == "hf-to-megatron" else (1, 1, 1)
     if args.direction == "hf-to-megatron":
         try:  # a config this converter cannot handle fails here, before any distributed start-up
             model_config_from_hf(read_hf_config(args.hf_dir))
@@ -768,15 +959,23 @@ def run_convert(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (tp * pp):
+    if world % (tp * pp * ep):
         print(
-            f"error: converting at TP={tp} PP={pp} needs a multiple of {tp * pp} processes (got {world}): "
-            f"launch with torchrun --nproc-per-node {tp * pp}, or convert at TP=1 PP=1 (the checkpoint "
-            "reshards on load)",
+            f"error: converting at TP={tp} PP={pp} EP={ep} needs a multiple of {tp * pp * ep} processes (got "
+            f"{world}): launch with torchrun --nproc-per-node {tp * pp * ep}, or convert at TP=1 PP=1 EP=1 (the "
+            "checkpoint reshards on load)",
             file=sys.stderr,
         )
         return 2
-    groups = init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    try:
+        groups = init_distributed(
+            ParallelConfig(
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+            )
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         if args.direction == "hf-to-megatron":

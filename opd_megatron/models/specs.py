@@ -36,13 +36,22 @@ def resolve_impl(cfg: ModelConfig) -> str:
 
 
 def build_layer_spec(cfg: ModelConfig):
-    """The per-layer ModuleSpec for a Llama-style GPTModel (RMSNorm is set on the TransformerConfig)."""
+    """The per-layer ModuleSpec for a Llama-style GPTModel (RMSNorm is set on the TransformerConfig),
+    with per-head QK norm (``cfg.qk_layernorm``) and MoE layers (``cfg.num_experts``) as configured."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_impl(cfg) == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.num_experts, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm
+        )
     from opd_megatron.models.attention import SDPACoreAttention
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # MoE layers: SequentialMLP experts (one SwiGLU per local expert) and a top-k router.
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=cfg.num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=cfg.qk_layernorm,
+        normalization="RMSNorm",
+    )
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec

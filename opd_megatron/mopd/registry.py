@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-from opd_megatron.config import ConfigError, RunConfig, TeacherConfig, validate_teachers
+from opd_megatron.config import ConfigError, RunConfig, TeacherConfig, TokenizerConfig, validate_teachers
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups
-from opd_megatron.models.checkpoint import read_meta, resolve_checkpoint
+from opd_megatron.models.checkpoint import read_config, read_meta, resolve_checkpoint
 from opd_megatron.teachers.base import Teacher, TeacherError
 from opd_megatron.teachers.colocated import build_colocated_teacher
 from opd_megatron.teachers.cross import CrossTokenizerTeacher
@@ -70,16 +70,25 @@ def build_teacher(
         inner: Teacher = RemoteTeacher(client, cfg.loss.topk, groups)
     else:
         ckpt = resolve_checkpoint(tcfg.checkpoint)
+        # real_vocab_size is the tokenizer's size; the embedding may hold more rows (Qwen: 151,936 rows
+        # for 151,665 tokens). Rows beyond the tokenizer are not built, so only the tokenizer has to
+        # match: teacher and student of one family pair up whatever their row counts.
         ckpt_vocab = read_meta(ckpt).get("real_vocab_size")
+        rows = read_config(ckpt).model.vocab_size if (ckpt / "config.yaml").is_file() else None
+        rows_note = f" (embedding rows: {rows})" if rows not in (None, ckpt_vocab) else ""
         if teacher_tok is None:
             if ckpt_vocab not in (None, vocab):
                 raise ConfigError(
                     f"{where}.tokenizer",
-                    f"teacher {tcfg.name!r}: its checkpoint has a vocabulary of {ckpt_vocab} tokens, the student "
-                    f"{vocab}; give the teacher's tokenizer to score it cross-tokeniser",
+                    f"teacher {tcfg.name!r}: its checkpoint has a vocabulary of {ckpt_vocab} tokens{rows_note}, "
+                    f"the student {vocab}; give the teacher's tokenizer to score it cross-tokeniser",
                 )
-            # A checkpoint without a saved tokenizer: the size check above is all there is.
+            # A checkpoint without a saved tokenizer: the size check above is all there is. One converted
+            # from an HF directory keeps the directory's tokenizer.json under hf/.
             saved = load_tokenizer(ckpt) if (ckpt / "tokenizer").is_dir() else None
+            hf_tok = ckpt / "hf" / "tokenizer.json"
+            if saved is None and hf_tok.is_file():
+                saved = load_tokenizer(TokenizerConfig(kind="hf", path=str(hf_tok)))
             if saved is not None and not _same_vocabulary(saved, student_tok):
                 raise ConfigError(
                     f"{where}.tokenizer",
@@ -89,7 +98,8 @@ def build_teacher(
         elif ckpt_vocab not in (None, vocab):
             raise ConfigError(
                 f"{where}.tokenizer",
-                f"teacher {tcfg.name!r}: its tokenizer has {vocab} tokens but its checkpoint {ckpt_vocab}",
+                f"teacher {tcfg.name!r}: its tokenizer has {vocab} tokens but its checkpoint {ckpt_vocab}"
+                f"{rows_note}",
             )
         pad = teacher_tok.pad_id if teacher_tok is not None else student_tok.pad_id
         try:

@@ -322,10 +322,17 @@ def test_config_mapping_llama_and_qwen2():
     "over, message",
     [
         ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3' is not supported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "RoPE scaling 'yarn' is not supported"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "RoPE scaling 'llama3' lacks 'low_freq_factor'",
+        ),
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"head_dim": 32}, "head_dim=32"),
+        (
+            {"hidden_size": 66},
+            "hidden_size=66 is not divisible by num_attention_heads=4 and there is no head_dim",
+        ),
         ({"num_key_value_heads": 3}, "num_query_groups"),
         ({"vocab_size": None}, "lacks vocab_size"),
     ],
