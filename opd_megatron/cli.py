@@ -47,16 +47,24 @@ def _split_config(args) -> tuple[str | None, list[str]]:
 def _preflight(cfg) -> None:
     """Checks that need no model: fail in a second, before Megatron-core is imported and ranks start."""
     from opd_megatron.models.checkpoint import resolve_checkpoint
+    from opd_megatron.models.hf_dir import is_hf_dir
     from opd_megatron.models.specs import resolve_impl
 
     resolve_impl(cfg.model)
-    if cfg.train.init_checkpoint:
+    if cfg.train.init_checkpoint and not is_hf_dir(cfg.train.init_checkpoint):
         resolve_checkpoint(cfg.train.init_checkpoint)
+
+
+def _load(path, overrides):
+    """The run config, its ``model``/``tokenizer`` completed from a Hugging Face init checkpoint."""
+    from opd_megatron.models.hf_dir import apply_hf_model_config
+
+    return load_config(path, overrides, prepare=apply_hf_model_config)
 
 
 def cmd_sft(args) -> int:
     path, overrides = _split_config(args)
-    cfg = load_config(path, overrides)
+    cfg = _load(path, overrides)
     _preflight(cfg)
     from opd_megatron.train.sft import run_sft
 
@@ -82,7 +90,7 @@ def cmd_run(args) -> int:
         from opd_megatron.recipes.mopd_demo import run_mopd_demo
 
         return run_mopd_demo(None, overrides)
-    cfg = load_config(path, overrides)
+    cfg = _load(path, overrides)
     _preflight(cfg)
     from opd_megatron.train.opd import run_opd
 

@@ -495,7 +495,12 @@ class TrainConfig:
     """Resume from the newest intact checkpoint in ``output_dir`` when one exists (one of another job
     kind, architecture, tokenizer or objective is an error); ``force`` resumes across such a change."""
     init_checkpoint: str | None = None
-    """Initial weights (a checkpoint directory) for a fresh run."""
+    """Initial weights for a fresh run: a checkpoint directory of this project, or a Hugging Face model
+    directory (converted once into ``output_dir/hf_cache``, keyed by its content, reused on resume; the
+    ``model`` and ``tokenizer`` sections may then be omitted: they come from its config)."""
+    export_hf: str | None = None
+    """After the last step, write the model as a Hugging Face directory here (safetensors, config,
+    tokenizer files, chat template, generation config), atomically. Needs an ``hf`` tokenizer."""
     progress: bool = True
     """Show a live progress bar (disabled automatically when output is not a terminal)."""
 
@@ -687,6 +692,12 @@ class RunConfig:
         names = [t.name for t in self.teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, "teachers", f"teacher names must be unique; repeated: {', '.join(dup)}")
+        _check(
+            self.train.export_hf is None or self.tokenizer.kind == "hf",
+            "train.export_hf",
+            f"exporting a Hugging Face directory needs a Hugging Face tokenizer (tokenizer.kind: hf), got "
+            f"{self.tokenizer.kind!r}",
+        )
         per_rank = self.train.micro_batch_size * self.train.grad_accumulation
         _check(
             per_rank % self.rollout.samples_per_prompt == 0,
@@ -948,9 +959,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, base: RunConfig | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: RunConfig | None = None,
+    prepare=None,
 ) -> RunConfig:
-    """Load a RunConfig from YAML (or start from ``base``/defaults) and apply dotted overrides."""
+    """Load a RunConfig from YAML (or start from ``base``/defaults) and apply dotted overrides.
+    ``prepare(mapping) -> mapping`` may complete the raw mapping before it is validated (the CLI fills the
+    ``model`` section from a Hugging Face ``train.init_checkpoint`` this way)."""
     data: dict = to_dict(base) if base is not None else {}
     if path is not None:
         p = Path(path)
@@ -964,6 +980,8 @@ def load_config(
             raise ConfigError("", f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
         data = _deep_merge(data, loaded)
     apply_overrides(data, list(overrides or []))
+    if prepare is not None:
+        data = prepare(data)
     return from_dict(RunConfig, data)
 
 

@@ -18,17 +18,34 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
 
 
+def is_expert_param(name: str) -> bool:
+    """Parameters of a mixture-of-experts layer's experts: under expert parallelism each EP rank holds
+    different ones, so their gradients are summed over the expert replicas, not the whole DP group."""
+    return ".mlp.experts." in name
+
+
+def _sum_flat(grads: list[torch.Tensor], group) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def sync_grads(model: torch.nn.Module, groups: ParallelGroups) -> None:
-    """Sum gradients over data-parallel replicas and tie the embedding copies of the first/last stage."""
+    """Sum gradients over data-parallel replicas (expert gradients over the replicas of the same experts)
+    and tie the embedding copies of the first/last stage."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    split = groups.ep_size > 1
+    dense = [g for n, g in named if not (split and is_expert_param(n))]
     if groups.dp_size > 1:
-        grads = _grads(model)
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=groups.dp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        _sum_flat(dense, groups.dp_group)
+    expert_group = groups.expert_dp_group
+    if split and expert_group is not None and dist.get_world_size(expert_group) > 1:
+        _sum_flat([g for n, g in named if is_expert_param(n)], expert_group)
     tied = groups.pp_size > 1 and getattr(model, "share_embeddings_and_output_weights", False)
     if tied and groups.embd_group is not None and (groups.is_first_stage or groups.is_last_stage):
         weight = model.shared_embedding_or_output_weight()
@@ -50,12 +67,20 @@ def grad_norm(model: torch.nn.Module, groups: ParallelGroups) -> float:
         and getattr(model, "share_embeddings_and_output_weights", False)
     ):
         tied_dup = model.shared_embedding_or_output_weight()
-    for p in model.parameters():
+    experts = torch.zeros((), dtype=torch.float64, device=groups.device)
+    for name, p in model.named_parameters():
         if p.grad is None or not p.requires_grad or p is tied_dup:
             continue
         sharded = getattr(p, "tensor_model_parallel", False)
         if sharded or groups.tp_rank == 0:
-            total += p.grad.detach().double().pow(2).sum()
+            sq = p.grad.detach().double().pow(2).sum()
+            if groups.ep_size > 1 and is_expert_param(name):
+                experts += sq
+            else:
+                total += sq
+    if groups.ep_size > 1:  # each EP rank holds other experts: their squares add up across EP
+        dist.all_reduce(experts, group=groups.ep_group)
+    total += experts
     if groups.tp_size > 1:
         dist.all_reduce(total, group=groups.tp_group)
     if groups.pp_size > 1:

@@ -54,6 +54,10 @@ class ParallelGroups:
         return self.pp_rank == self.pp_size - 1
 
     @property
+    def global_rank(self) -> int:
+        return dist.get_rank()
+
+    @property
     def tp_group_or_none(self) -> dist.ProcessGroup | None:
         """The TP group for library calls that take ``None`` for "one rank" (skips no-op collectives)."""
         return self.tp_group if self.tp_size > 1 else None

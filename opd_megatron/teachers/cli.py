@@ -34,7 +34,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         help="serve a teacher checkpoint's prompt log-probs over HTTP (vLLM completions API subset)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint directory, a run directory (its latest checkpoint), or a Hugging Face model directory",
+    )
+    p.add_argument(
+        "--convert-cache",
+        default="runs/hf_cache",
+        help="where a Hugging Face directory is converted (once; reused while its files are unchanged)",
+    )
     p.add_argument("--name", default=None, help="served model name (default: the checkpoint's run name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; anything but loopback needs --token")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed once listening)")
@@ -93,6 +101,7 @@ def run_serve(args) -> int:
             limits=limits,
             dtype=args.dtype,
             log_requests=args.log_requests,
+            convert_cache=args.convert_cache,
         )
     except OSError as e:
         if e.errno == errno.EADDRINUSE:

@@ -611,8 +611,10 @@ def build_teacher_server(
     limits: ServerLimits | None = None,
     dtype: str = "fp32",
     log_requests: bool = False,
+    convert_cache: str = "runs/hf_cache",
 ) -> TeacherHTTPServer:
-    """Load a checkpoint of this project into a one-process (TP=1) model and bind the HTTP server to it
+    """Load a checkpoint of this project, or a Hugging Face model directory (converted once into
+    ``convert_cache``, reused after), into a one-process (TP=1) model and bind the HTTP server to it
     (``port=0``: a free port; read it from ``server.url``). Call ``serve_forever`` or ``start_in_thread``;
     the worker thread is already running. A port that cannot be bound raises ``OSError`` before the
     model loads."""
@@ -622,17 +624,23 @@ def build_teacher_server(
     from opd_megatron.distributed import init_distributed
     from opd_megatron.models.checkpoint import load_model_weights, read_config, read_meta, resolve_checkpoint
     from opd_megatron.models.gpt import build_gpt_model
+    from opd_megatron.models.hf_dir import is_hf_dir, materialise
     from opd_megatron.teachers.topk_scoring import TopKScorer
     from opd_megatron.tokenization import load_tokenizer
 
     limits = limits or ServerLimits()
     check_port_free(host, port)
-    ckpt = resolve_checkpoint(checkpoint)
-    cfg = read_config(ckpt)
-    tokenizer = load_tokenizer(ckpt / "tokenizer") if (Path(ckpt) / "tokenizer").is_dir() else None
-    vocab = read_meta(ckpt).get("real_vocab_size") or (tokenizer.vocab_size if tokenizer else None)
     init_local_process_group()
     groups = init_distributed(ParallelConfig())  # one process, TP=1: gloo on CPU, nccl on a GPU
+    tokenizer = None
+    if is_hf_dir(checkpoint):
+        hf = materialise(checkpoint, groups, convert_cache, where="checkpoint")
+        checkpoint, tokenizer = str(hf.checkpoint), load_tokenizer(hf.tokenizer)
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = read_config(ckpt)
+    if (Path(ckpt) / "tokenizer").is_dir():
+        tokenizer = load_tokenizer(ckpt / "tokenizer")
+    vocab = read_meta(ckpt).get("real_vocab_size") or (tokenizer.vocab_size if tokenizer else None)
     model = build_gpt_model(cfg.model, groups, vocab, frozen=True, params_dtype=dtype, initialize=False)
     load_model_weights(ckpt, model)
     pad_id = tokenizer.pad_id if tokenizer is not None else 0

@@ -77,6 +77,7 @@ class OPDTrainer(TrainingRun):
     def __init__(self, cfg: RunConfig, groups: ParallelGroups | None = None):
         validate_opd(cfg)
         super().__init__(cfg, groups or init_distributed(cfg.parallel, cfg.train.seed))
+        cfg = self.cfg  # with Hugging Face checkpoints replaced by their converted copies
         self.lc, g = cfg.loss, self.groups
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.prompt_fn = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)

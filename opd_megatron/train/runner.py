@@ -29,7 +29,9 @@ from opd_megatron.models.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from opd_megatron.models.hf_export import export_hf
 from opd_megatron.train.batch import DataCursor
+from opd_megatron.train.hf_sources import materialise_sources
 from opd_megatron.train.metrics import MetricsLogger, Progress
 from opd_megatron.train.preemption import PreemptionHandler
 
@@ -57,6 +59,8 @@ class TrainingRun:
     tokenizer: object
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups):
+        # Hugging Face directories given as checkpoints are converted (cached next to the run) first.
+        cfg, self.hf_init = materialise_sources(cfg, groups)
         self.cfg, self.tc, self.groups = cfg, cfg.train, groups
         self.out_dir = Path(cfg.train.output_dir)
         self.skipped: dict[str, int] = {}
@@ -129,6 +133,17 @@ class TrainingRun:
         self.resumed_from = ckpt
         return read_meta(ckpt)["step"]
 
+    def export(self, out: Path) -> Path:
+        """Write the model as a Hugging Face directory (collective): the tokenizer files come from the
+        Hugging Face directory the run started from, else from the run's ``hf`` tokenizer."""
+        tok = Path(self.hf_init.checkpoint) / "hf" if self.hf_init is not None else self.tokenizer
+        path = export_hf(
+            self.model, self.cfg.model, tok, out, self.groups, chat_template=self.cfg.tokenizer.chat_template
+        )
+        if self.groups.is_main:
+            print(f"exported {self.kind} {self.cfg.name} as a Hugging Face model: {path}", flush=True)
+        return path
+
     # ------------------------------------------------------------------ the run
     def run(self) -> RunSummary:
         t_start = time.monotonic()
@@ -175,6 +190,8 @@ class TrainingRun:
         last = self.evaluate()
         metrics.log("eval", tc.steps, last)
         ckpt = self.save(tc.steps)
+        if tc.export_hf:
+            self.export(Path(tc.export_hf))
         metrics.close()
         return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
 

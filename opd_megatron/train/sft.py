@@ -56,6 +56,7 @@ class SFTRun(TrainingRun):
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups | None = None):
         super().__init__(cfg, groups or init_distributed(cfg.parallel, cfg.train.seed))
+        cfg = self.cfg  # with Hugging Face checkpoints replaced by their converted copies
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.train_rows, self.eval_rows = build_datasets(cfg.data)
         self.render = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)
