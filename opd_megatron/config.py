@@ -188,9 +188,10 @@ class TeacherConfig:
     name: str = "teacher"
     checkpoint: str | None = None
     """Checkpoint directory (a Megatron distributed checkpoint written by this project)."""
-    placement: Literal["colocated", "remote", "self"] = "colocated"
+    placement: Literal["colocated", "remote", "self", "vllm"] = "colocated"
     """``colocated``: in-process Megatron model; ``remote``: scored over HTTP at ``url``; ``self``: the
-    student's own weights (self-distillation)."""
+    student's own weights (self-distillation); ``vllm``: an in-process vLLM engine loaded from the HF
+    model directory ``checkpoint`` returns top-k prompt log-probs (the sparse top-k loss path)."""
     url: str | None = None
     domains: list[str] = field(default_factory=list)
     """Domains this teacher covers under specialty routing; empty means none in particular."""
@@ -216,11 +217,20 @@ class TeacherConfig:
     refresh_every: int = 50
     privileged_source: Literal["reference", "privileged"] = "reference"
     """For ``placement: self``: the hint the teacher sees before the prompt (the row's field)."""
+    vllm_kv_cache_mb: float = 256.0
+    """For ``placement: vllm``: the engine's KV-cache memory."""
 
     def __post_init__(self):
         _check(bool(self.name), "name", "a teacher needs a non-empty name")
         _one_of(self.privileged_source, ("reference", "privileged"), "privileged_source")
-        _one_of(self.placement, ("colocated", "remote", "self"), "placement")
+        _one_of(self.placement, ("colocated", "remote", "self", "vllm"), "placement")
+        if self.placement == "vllm":
+            _check(
+                bool(self.checkpoint),
+                "checkpoint",
+                f"teacher {self.name!r} runs on vLLM and needs checkpoint: a Hugging Face model directory",
+            )
+        _check(self.vllm_kv_cache_mb > 0, "vllm_kv_cache_mb", f"must be > 0, got {self.vllm_kv_cache_mb}")
         if self.placement == "remote":
             _check(bool(self.url), "url", f"teacher {self.name!r} is remote and needs a url")
         if self.placement == "colocated":
@@ -334,8 +344,33 @@ class RolloutConfig:
     """0 disables top-k filtering."""
     stop: list[str] = field(default_factory=list)
     samples_per_prompt: int = 1
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """``megatron``: the KV-cache sampler on the trainer's own model; ``vllm``: a vLLM engine holding a
+    copy of the student, refitted after every optimizer step (``opd_megatron.rollout.vllm_engine``)."""
+    vllm_kv_cache_mb: float = 256.0
+    """``engine: vllm``: the engine's KV-cache memory; it must hold one ``model.max_sequence_length``
+    sequence or the run stops before training."""
+    vllm_max_num_seqs: int = 64
+    """``engine: vllm``: most sequences the engine decodes together."""
+    vllm_placement: Literal["colocated", "separate"] = "colocated"
+    """``engine: vllm``: on CPU the engine always runs on rank 0 of each data-parallel replica
+    (``colocated``). On GPU (not verified here): ``colocated`` shares the trainer's GPUs, the engine
+    sleeping during the update; ``separate`` runs it on its own GPUs."""
+    tis: Literal["auto", "on", "off"] = "auto"
+    """Truncated importance sampling against the rollout/trainer mismatch: ``auto`` is on for the
+    sampled-token objectives and off for the full-distribution ``divergence`` (where it does not apply)."""
+    tis_cap: float = 2.0
+    """Cap C of the truncated importance weight ``min(pi / mu, C)``."""
 
     def __post_init__(self):
+        _one_of(self.engine, ("megatron", "vllm"), "engine")
+        _check(self.vllm_kv_cache_mb > 0, "vllm_kv_cache_mb", f"must be > 0, got {self.vllm_kv_cache_mb}")
+        _check(
+            self.vllm_max_num_seqs >= 1, "vllm_max_num_seqs", f"must be >= 1, got {self.vllm_max_num_seqs}"
+        )
+        _one_of(self.vllm_placement, ("colocated", "separate"), "vllm_placement")
+        _one_of(self.tis, ("auto", "on", "off"), "tis")
+        _check(self.tis_cap >= 1.0, "tis_cap", f"must be >= 1, got {self.tis_cap}")
         _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")

@@ -69,7 +69,8 @@ class RefitStats:
     load_seconds: float
     """Copying into the engine (and resetting its prefix cache)."""
     weight_bytes: int
-    """Engine parameter memory."""
+    """Bytes of the weights loaded into the engine (the HF tensors; the CPU GEMM kernels may keep
+    pre-packed copies besides, which ``host_rss_bytes`` includes)."""
     kv_cache_bytes: int
     host_rss_bytes: int
     """Resident memory of the process hosting the engine."""
@@ -209,6 +210,7 @@ class VLLMEngine:
             try:
                 load_s = self.load_state(state)
                 mem = self.host.call("memory")
+                mem["weight_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
                 answer = (load_s, mem)
             except RefitError as e:
                 answer = e

@@ -175,9 +175,7 @@ class _EngineCore:
     def memory(self) -> dict[str, int]:
         import psutil
 
-        weights = sum(self.llm.apply_model(_parameter_bytes))
         return {
-            "weight_bytes": int(weights),
             "kv_cache_bytes": int(self.settings.kv_cache_bytes),
             "host_rss_bytes": int(psutil.Process().memory_info().rss),
         }
@@ -229,10 +227,6 @@ def _repack_tied_head(model) -> None:
     weight, which keeps the old weights' logits until this runs (measured: stale greedy tokens)."""
     head = model.lm_head
     head.quant_method.process_weights_after_loading(head)
-
-
-def _parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------
