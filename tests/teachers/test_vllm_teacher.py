@@ -143,13 +143,17 @@ def _job(rank: int, root: str) -> dict:
 
     proc, client = _start_server(hf_dir, root)
     try:
-        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        children = psutil.Process(proc.pid).children(recursive=True)
         out["server"] = client.score_topk([s for s in seqs if len(s) > 1], K)
         out["server_targets"] = RemoteTeacher(client, K).score(rows, prompt_ids, completion_ids)
     finally:
         stop_teacher_server(proc)
     out["server_exit"] = proc.returncode
-    out["server_left"] = [pid for pid in [proc.pid, *children] if psutil.pid_exists(pid)]
+    # The server's engine-core process exits shortly after the server does.
+    _, alive = psutil.wait_procs(children, timeout=30)
+    out["server_left"] = [p.pid for p in alive]
+    for p in alive:  # fail the test, but never leave a process behind
+        p.kill()
     teacher.client.close()
     return out
 
