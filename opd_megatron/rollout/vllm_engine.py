@@ -280,8 +280,14 @@ class VLLMEngine:
                 return t
         return None
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        """One completion per prompt (collective over the replica's TP x PP group)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, mix_with=None) -> Rollout:
+        """One completion per prompt (collective over the replica's TP x PP group). Teacher-mixed
+        sampling (``mix_with``, MiniLLM) needs the teacher's logits at every step: Megatron sampler only."""
+        if mix_with is not None:
+            raise NotImplementedError(
+                "rollout.engine=vllm cannot sample from a teacher mixture (loss.mix_alpha > 0); use "
+                "rollout.engine=megatron"
+            )
         self._check_request(prompts, params)
         answer = None
         if self.host is not None:
