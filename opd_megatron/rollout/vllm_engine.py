@@ -316,7 +316,8 @@ class VLLMEngine:
         return _share(answer, self.groups)
 
     def close(self) -> None:
-        """Stop the engine and remove its temporary directory."""
+        """Stop the engine and remove its temporary directory. At the end of a run only: an in-process
+        engine's shutdown also ends this process's ``torch.distributed`` (see ``vllm_host``)."""
         if self.host is not None:
             self.host.close()
             shutil.rmtree(self.host.workdir, ignore_errors=True)

@@ -14,7 +14,9 @@ guess), the tokenizer skipped (prompts are token ids; the built-in character tok
 fp32 or bf16 weights, and its cache and RPC socket directories in a private temporary directory.
 
 Several in-process engines can live side by side (a student engine and a vLLM teacher), but they share
-vLLM's process-wide parallel state: closing one breaks the others, so close them together at the end.
+vLLM's process-wide parallel state, and in a single-rank world vLLM adopts this process's default
+``torch.distributed`` group: closing an in-process engine breaks the other engines and this process's
+Megatron groups (measured: a model built afterwards had no TP group). Close engines at the end of a run.
 """
 
 from __future__ import annotations

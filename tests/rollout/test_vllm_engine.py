@@ -187,6 +187,7 @@ def _job(rank: int) -> dict:
         "empty_prompt": _catch(lambda: engine.generate([[5], []], greedy)),
         "too_long": _catch(lambda: engine.generate([[5] * (MAX_LEN - N_NEW + 1)], greedy)),
         "bad_token": _catch(lambda: engine.generate([[5, VOCAB]], greedy)),
+        "mixed": _catch(lambda: engine.generate(prompts, greedy, mix_with=(model, 0.5))),
     }
     # In-process engines share vLLM's process-wide parallel state: closing one breaks the others.
     eos_engine.close()
@@ -273,3 +274,4 @@ def test_bad_requests(job):
     assert "prompt 1 is empty" in e["empty_prompt"]
     assert "exceeds max_sequence_length=96" in e["too_long"]
     assert "token id 40" in e["bad_token"]
+    assert "NotImplementedError: rollout.engine=vllm cannot sample from a teacher mixture" in e["mixed"]

@@ -41,7 +41,7 @@ def _best(fn, repeats: int):
     return best, result
 
 
-def bench_size(groups, name: str, args) -> dict:
+def bench_size(groups, name: str, args, engines: list) -> dict:
     import torch
 
     from opd_megatron.config import ModelConfig
@@ -82,7 +82,7 @@ def bench_size(groups, name: str, args) -> dict:
     vllm_s, vllm_ro = _best(lambda: engine.generate(prompts, params), args.repeats)
     vllm_tokens = sum(map(len, vllm_ro.completion_ids))
     refits = [engine.refit(model) for _ in range(3)]
-    engine.close()
+    engines.append(engine)  # closed at the end: closing an in-process engine ends torch.distributed
     best_refit = min(refits, key=lambda r: r.seconds)
     return {
         "size": name,
@@ -139,12 +139,15 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     groups = init_distributed(ParallelConfig())
-    rows = [bench_size(groups, name, args) for name in args.sizes.split(",")]
+    engines: list = []
+    rows = [bench_size(groups, name, args, engines) for name in args.sizes.split(",")]
     print(_table(rows))
     print(f"threads: {torch.get_num_threads()}, torch {torch.__version__}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2))
+    for engine in engines:
+        engine.close()
 
 
 if __name__ == "__main__":
