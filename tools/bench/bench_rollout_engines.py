@@ -2,7 +2,7 @@
 model, same prompts, one process, one run.
 
 Per model size it reports, for each engine, decode throughput (generated tokens per second of a
-``generate`` call, best of ``--repeats`` after one warm-up call), start-up seconds (Megatron: building
+``generate`` call, best of ``--repeats`` after one warm-up call; the two engines' calls alternate), start-up seconds (Megatron: building
 the sampler; vLLM: starting the engine and loading the weights), and for vLLM the refit seconds (gather
 + in-place load + prefix-cache reset, best of 3) that every optimizer step adds. The ratio column is
 vLLM over Megatron. Sampling at temperature 1 (seeded); the EOS id is one no prompt uses, and rows that
@@ -31,16 +31,6 @@ SIZES = {
 }
 
 
-def _best(fn, repeats: int):
-    result = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
-
-
 def bench_size(groups, name: str, args, engines: list) -> dict:
     import torch
 
@@ -64,10 +54,6 @@ def bench_size(groups, name: str, args, engines: list) -> dict:
     t0 = time.perf_counter()
     sampler = MegatronSampler(model, groups, eos_id=eos, pad_id=pad, max_batch_size=args.batch)
     meg_start = time.perf_counter() - t0
-    meg_s, meg_ro = _best(lambda: sampler.generate(prompts, params), args.repeats)
-    meg_tokens = sum(map(len, meg_ro.completion_ids))
-    sampler.release()
-
     t0 = time.perf_counter()
     engine = VLLMEngine(
         model,
@@ -79,8 +65,21 @@ def bench_size(groups, name: str, args, engines: list) -> dict:
         max_batch_size=args.batch,
     )
     vllm_start = time.perf_counter() - t0
-    vllm_s, vllm_ro = _best(lambda: engine.generate(prompts, params), args.repeats)
-    vllm_tokens = sum(map(len, vllm_ro.completion_ids))
+    # Calls alternate between the engines, so a burst of load from elsewhere hits both alike.
+    runs = {
+        "megatron": lambda: sampler.generate(prompts, params),
+        "vllm": lambda: engine.generate(prompts, params),
+    }
+    best = {k: float("inf") for k in runs}
+    rollouts = {k: fn() for k, fn in runs.items()}  # warm-up
+    for _ in range(args.repeats):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            rollouts[k] = fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    meg_s, vllm_s = best["megatron"], best["vllm"]
+    meg_tokens = sum(map(len, rollouts["megatron"].completion_ids))
+    vllm_tokens = sum(map(len, rollouts["vllm"].completion_ids))
     refits = [engine.refit(model) for _ in range(3)]
     engines.append(engine)  # closed at the end: closing an in-process engine ends torch.distributed
     best_refit = min(refits, key=lambda r: r.seconds)
@@ -91,10 +90,16 @@ def bench_size(groups, name: str, args, engines: list) -> dict:
         "vocab": vocab,
         "batch": args.batch,
         "new_tokens": args.new_tokens,
-        "megatron": {"tokens_per_s": meg_tokens / meg_s, "tokens": meg_tokens, "start_s": meg_start},
+        "megatron": {
+            "tokens_per_s": meg_tokens / meg_s,
+            "tokens": meg_tokens,
+            "call_s": meg_s,
+            "start_s": meg_start,
+        },
         "vllm": {
             "tokens_per_s": vllm_tokens / vllm_s,
             "tokens": vllm_tokens,
+            "call_s": vllm_s,
             "start_s": vllm_start,
             "refit_s": best_refit.seconds,
             "refit_gather_s": best_refit.gather_seconds,
@@ -107,16 +112,20 @@ def bench_size(groups, name: str, args, engines: list) -> dict:
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| size | engine | tokens/s | start-up s | refit s | vLLM / Megatron tokens/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| size | engine | tokens | s per call | tokens/s | start-up s | refit s | vLLM / Megatron tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m, v = r["megatron"], r["vllm"]
         shape = f"{r['size']} ({r['layers']}L h{r['hidden']} V{r['vocab']}, {r['batch']}x{r['new_tokens']})"
-        lines.append(f"| {shape} | megatron | {m['tokens_per_s']:.0f} | {m['start_s']:.2f} | - | |")
+        lines.append(
+            f"| {shape} | megatron | {m['tokens']} | {m['call_s']:.3f} | {m['tokens_per_s']:.0f} | "
+            f"{m['start_s']:.2f} | - | |"
+        )
         ratio = v["tokens_per_s"] / m["tokens_per_s"]
         lines.append(
-            f"| {shape} | vllm | {v['tokens_per_s']:.0f} | {v['start_s']:.1f} | {v['refit_s']:.3f} | {ratio:.2f} |"
+            f"| {shape} | vllm | {v['tokens']} | {v['call_s']:.3f} | {v['tokens_per_s']:.0f} | {v['start_s']:.1f} | "
+            f"{v['refit_s']:.3f} | {ratio:.2f} |"
         )
     return "\n".join(lines)
 
@@ -126,7 +135,7 @@ def main() -> None:
     p.add_argument("--sizes", default="demo,large")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kv-cache-mb", type=int, default=64)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
