@@ -204,9 +204,6 @@ class VLLMEngine:
         t1 = time.perf_counter()
         answer: object = None
         if state is not None:
-            if groups.pp_size > 1:
-                # Tensors received from other stages share the dtype; shared memory for the helper.
-                state = {k: v.contiguous() for k, v in state.items()}
             try:
                 load_s = self.load_state(state)
                 mem = self.host.call("memory")
