@@ -2,7 +2,7 @@
 
 One single-rank job builds a small Megatron teacher, writes it as an HF model directory (weights
 gathered in memory, a locally built character tokenizer), and compares three scorers of the same
-sequences: the Megatron ``TopKScorer`` (float64-free fp32 reference), the in-process vLLM engine, and a
+sequences: the Megatron ``TopKScorer`` (the fp32 reference), the in-process vLLM engine, and a
 real vLLM OpenAI-compatible server process on 127.0.0.1 queried by ``RemoteTeacherClient``; the server
 is stopped by its PID at the end.
 """
