@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -333,6 +334,10 @@ def start_engine_host(model, settings: VLLMSettings, in_process: bool | None = N
     if in_process is None:
         in_process = not dist.is_initialized() or dist.get_world_size() == 1
     workdir = tempfile.mkdtemp(prefix="opd_vllm_")
-    host = (_LocalHost if in_process else _ProcessHost)(model, settings, workdir)
+    try:
+        host = (_LocalHost if in_process else _ProcessHost)(model, settings, workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     host.workdir = workdir
     return host

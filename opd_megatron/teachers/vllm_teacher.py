@@ -16,6 +16,7 @@ same one-line message.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -107,7 +108,9 @@ class VLLMScorer:
         ]
 
     def close(self) -> None:
+        """Stop the engine (at the end of a run: see ``rollout.vllm_host``) and remove its temp dir."""
         self.host.close()
+        shutil.rmtree(self.host.workdir, ignore_errors=True)
 
 
 def _share_from_last_stage(obj, groups: ParallelGroups):
