@@ -166,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # user-facing data/checkpoint errors: no traceback, a clear message
         from opd_megatron.data.jsonl import DataError
         from opd_megatron.models.checkpoint import CheckpointError
+        from opd_megatron.rollout.vllm_host import EngineStartError
         from opd_megatron.teachers.base import TeacherError
         from opd_megatron.tokenization.base import TokenizerError
 
-        if isinstance(e, DataError | CheckpointError | TokenizerError):
+        if isinstance(e, DataError | CheckpointError | TokenizerError | EngineStartError):
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG
         if isinstance(e, TeacherError):  # the message names the teacher; checkpoints on disk are intact

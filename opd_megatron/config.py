@@ -301,9 +301,10 @@ class TeacherConfig:
     name: str = "teacher"
     checkpoint: str | None = None
     """Checkpoint directory (a Megatron distributed checkpoint written by this project)."""
-    placement: Literal["colocated", "remote", "self"] = "colocated"
+    placement: Literal["colocated", "remote", "self", "vllm"] = "colocated"
     """``colocated``: in-process Megatron model; ``remote``: scored over HTTP at ``url``; ``self``: the
-    student's own weights (self-distillation)."""
+    student's own weights (self-distillation); ``vllm``: an in-process vLLM engine loaded from the HF
+    model directory ``checkpoint`` returns top-k prompt log-probs (the sparse top-k loss path)."""
     url: str | None = None
     domains: list[str] = field(default_factory=list)
     """Domains this teacher covers under specialty routing; empty means none in particular."""
@@ -329,10 +330,19 @@ class TeacherConfig:
     refresh_every: int = 50
     privileged_source: Literal["reference", "privileged"] = "reference"
     """For ``placement: self``: the hint the teacher sees before the prompt (the row's field)."""
+    vllm_kv_cache_mb: float = 256.0
+    """For ``placement: vllm``: the engine's KV-cache memory."""
 
     def __post_init__(self):
         _check_literals(self)
         _check(bool(self.name), "name", "a teacher needs a non-empty name")
+        if self.placement == "vllm":
+            _check(
+                bool(self.checkpoint),
+                "checkpoint",
+                f"teacher {self.name!r} runs on vLLM and needs checkpoint: a Hugging Face model directory",
+            )
+        _check(self.vllm_kv_cache_mb > 0, "vllm_kv_cache_mb", f"must be > 0, got {self.vllm_kv_cache_mb}")
         if self.placement == "remote":
             _check(bool(self.url), "url", f"teacher {self.name!r} is remote and needs a url")
         if self.placement == "colocated":
@@ -452,9 +462,31 @@ class RolloutConfig:
     rank takes ``train.micro_batch_size * train.grad_accumulation / samples_per_prompt`` prompts per
     step. With more than one, each step logs ``pass@n``: the share of prompts (of verifiable domains)
     with at least one correct on-policy sample."""
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """``megatron``: the KV-cache sampler on the trainer's own model; ``vllm``: a vLLM engine holding a
+    copy of the student, refitted after every optimizer step (``opd_megatron.rollout.vllm_engine``)."""
+    vllm_kv_cache_mb: float = 256.0
+    """``engine: vllm``: the engine's KV-cache memory; it must hold one ``model.max_sequence_length``
+    sequence or the run stops before training."""
+    vllm_max_num_seqs: int = 64
+    """``engine: vllm``: most sequences the engine decodes together."""
+    vllm_placement: Literal["colocated", "separate"] = "colocated"
+    """``engine: vllm``: on CPU the engine always runs on rank 0 of each data-parallel replica
+    (``colocated``). On GPU (not verified here): ``colocated`` shares the trainer's GPUs, the engine
+    sleeping during the update; ``separate`` runs it on its own GPUs."""
+    tis: Literal["auto", "on", "off"] = "auto"
+    """Truncated importance sampling against the rollout/trainer mismatch: ``auto`` is on for the
+    sampled-token objectives and off for the full-distribution ``divergence`` (where it does not apply)."""
+    tis_cap: float = 2.0
+    """Cap C of the truncated importance weight ``min(pi / mu, C)``."""
 
     def __post_init__(self):
         _check_literals(self)
+        _check(self.vllm_kv_cache_mb > 0, "vllm_kv_cache_mb", f"must be > 0, got {self.vllm_kv_cache_mb}")
+        _check(
+            self.vllm_max_num_seqs >= 1, "vllm_max_num_seqs", f"must be >= 1, got {self.vllm_max_num_seqs}"
+        )
+        _check(self.tis_cap >= 1.0, "tis_cap", f"must be >= 1, got {self.tis_cap}")
         _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
@@ -772,7 +804,7 @@ def validate_opd(cfg: RunConfig) -> None:  # noqa: C901
     exactly one co-located (or self) teacher of the student's tokenizer."""
     validate_teachers(cfg)
     lc, t = cfg.loss, cfg.teachers[0]
-    single_dense = len(cfg.teachers) == 1 and t.placement != "remote" and t.tokenizer is None
+    single_dense = len(cfg.teachers) == 1 and t.placement not in ("remote", "vllm") and t.tokenizer is None
     needs = [
         (lc.objective != "divergence", "loss.objective", f"objective {lc.objective!r}"),
         (lc.mix_alpha > 0, "loss.mix_alpha", "teacher-mixed sampling"),

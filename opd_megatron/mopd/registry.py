@@ -68,6 +68,18 @@ def build_teacher(
                 f"{where}.url", f"teacher {tcfg.name!r}: no answer from {tcfg.url}/health at start-up"
             )
         inner: Teacher = RemoteTeacher(client, cfg.loss.topk, groups)
+    elif tcfg.placement == "vllm":  # an in-process vLLM engine scores the top-k (the sparse path)
+        from opd_megatron.rollout.vllm_host import EngineStartError
+        from opd_megatron.teachers.vllm_teacher import build_vllm_teacher
+
+        try:
+            inner = build_vllm_teacher(
+                tcfg.checkpoint, tcfg.name, cfg.loss.topk, groups,
+                kv_cache_bytes=int(tcfg.vllm_kv_cache_mb * 2**20),
+                max_sequence_length=cfg.model.max_sequence_length, setting_prefix=f"{where}.vllm_",
+            )  # fmt: skip
+        except EngineStartError as e:
+            raise ConfigError(where, f"teacher {tcfg.name!r}: {e}") from e
     else:
         ckpt = resolve_checkpoint(tcfg.checkpoint)
         # real_vocab_size is the tokenizer's size; the embedding may hold more rows (Qwen: 151,936 rows

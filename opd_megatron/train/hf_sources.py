@@ -22,7 +22,7 @@ def materialise_sources(cfg: RunConfig, groups: ParallelGroups) -> tuple[RunConf
     cache = Path(cfg.train.output_dir) / "hf_cache"
     teachers = []
     for i, t in enumerate(cfg.teachers):
-        if t.checkpoint and is_hf_dir(t.checkpoint):
+        if t.checkpoint and is_hf_dir(t.checkpoint) and t.placement != "vllm":  # vLLM reads HF itself
             hf = materialise(t.checkpoint, groups, cache, where=f"teachers[{i}].checkpoint")
             t = replace(t, checkpoint=str(hf.checkpoint))
         teachers.append(t)

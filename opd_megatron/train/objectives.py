@@ -43,6 +43,7 @@ from opd_megatron.losses.target_losses import (
     teacher_side,
     topk_loss,
 )
+from opd_megatron.rollout.mismatch import truncated_importance_weights
 from opd_megatron.targets import CrossTokenizerTargets, MixtureTargets, TeacherTargets, TopKTargets
 from opd_megatron.train.batch import MicroBatch
 
@@ -110,9 +111,9 @@ class SampledTokenObjective(Objective):
     ``r_t = log p_T(y_t) - log q_S(y_t)`` (see :mod:`opd_megatron.losses.objectives` for each one's
     formula). RLSD's sequence signs come from the domain verifier (``decode`` turns ids into text)."""
 
-    def __init__(self, lc: LossConfig, group, vocab: int, decode=None):
+    def __init__(self, lc: LossConfig, group, vocab: int, decode=None, tis_cap: float | None = None):
         super().__init__(lc, group, vocab)
-        self.decode = decode
+        self.decode, self.tis_cap = decode, tis_cap
 
     def _logprobs(self, logits_NV, labels_N1) -> torch.Tensor:
         return gather_logprobs(logits_NV, labels_N1, self.group, self.lc.temperature, self.vocab).squeeze(-1)
@@ -130,6 +131,10 @@ class SampledTokenObjective(Objective):
             grid(self._logprobs(t_logits_NV, labels_N1)),
         )
         mask, common = mb.loss_mask, {"reduction": "token_mean", "normaliser": 1.0}
+        if self.tis_cap is not None and lc.objective != "tinker":
+            # Truncated importance sampling: tokens weighted by min(pi / mu, C) against the rollout
+            # engine's mismatch (tinker already importance-samples against the behaviour log-probs).
+            mask = mask * truncated_importance_weights(s_lp, mb.behaviour, self.tis_cap, mask)
         if lc.objective == "tinker":
             out = tinker_loss(
                 s_lp, t_lp, mask, discount=lc.discount, behaviour_logprobs=mb.behaviour, **common
@@ -172,7 +177,7 @@ class SampledTokenObjective(Objective):
 class Objectives:
     """Picks the objective of a micro-batch from its target's kind and the configured objective."""
 
-    def __init__(self, lc: LossConfig, group, vocab: int, decode=None):
+    def __init__(self, lc: LossConfig, group, vocab: int, decode=None, tis_cap: float | None = None):
         self.dense = DenseObjective(lc, group, vocab)
         self.by_kind = {
             MixtureTargets: MixtureObjective(lc, group, vocab),
@@ -181,7 +186,7 @@ class Objectives:
             TeacherTargets: self.dense if lc.objective in ("divergence", "opsd") else None,
         }
         if self.by_kind[TeacherTargets] is None:
-            self.by_kind[TeacherTargets] = SampledTokenObjective(lc, group, vocab, decode)
+            self.by_kind[TeacherTargets] = SampledTokenObjective(lc, group, vocab, decode, tis_cap)
 
     def for_target(self, target) -> Objective:
         return self.by_kind[type(target)]

@@ -26,12 +26,15 @@ from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups, init_distributed
 from opd_megatron.distributed.grads import all_finite, dp_sum
+from opd_megatron.distributed.pipeline import broadcast_from_last_stage
+from opd_megatron.losses import gather_logprobs
 from opd_megatron.models.checkpoint import load_model_weights
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
 from opd_megatron.models.hidden import decoder_hidden_states
 from opd_megatron.mopd import MOPDOrchestrator, StepAborted
 from opd_megatron.mopd.registry import default_teacher
-from opd_megatron.rollout.sampler import MegatronSampler
+from opd_megatron.rollout.engines import after_optimizer_step, build_sampler
+from opd_megatron.rollout.mismatch import logprob_mismatch, tis_enabled
 from opd_megatron.rollout.types import SamplingParams
 from opd_megatron.targets import CrossTokenizerTargets
 from opd_megatron.teachers import MegatronTeacher, SelfTeacher
@@ -67,6 +70,9 @@ class OPDResult:
 def student_hidden(model, mb: MicroBatch):
     pos_BS = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
     return decoder_hidden_states(model, mb.tokens, pos_BS)
+
+
+MISMATCH_KEYS = ("logprob_diff_mean_abs", "logprob_diff_max_abs", "logprob_diff_mean", "kl_behaviour_trainer")
 
 
 class OPDTrainer(TrainingRun):
@@ -110,15 +116,18 @@ class OPDTrainer(TrainingRun):
             self.reference = MegatronTeacher("reference", ref, g, self.tokenizer.pad_id)
         self.scorer = MegatronTeacher("student", self.student, g, self.tokenizer.pad_id)
         tok = self.tokenizer
-        # Completions end at the template's end-of-turn token (EOS for the built-in templates).
-        end_id = self.prompt_fn.end_ids[0]
-        self.sampler = MegatronSampler(self.student, g, eos_id=end_id, pad_id=tok.pad_id, tokenizer=tok)
+        # Completions end at the template's end-of-turn token (EOS for the built-in templates). The
+        # engine (rollout.engine) is the trainer's own model, or a vLLM copy refitted after every step.
+        self.sampler = build_sampler(cfg, self.student, g, tok, eos_id=self.prompt_fn.end_ids[0])
         self.rollouts = RolloutSource(
             self.sampler, tok, self.prompt_fn, self.lc, SamplingParams.from_config(cfg.rollout), self.tc.seed
         )
         self.rollouts.samples_per_prompt = cfg.rollout.samples_per_prompt
         self.rollouts.use_teacher(getattr(self.teacher, "model", None), getattr(self.teacher, "groups", g))
-        self.objectives = Objectives(self.lc, g.tp_group_or_none, self.student.real_vocab_size, tok.decode)
+        tis = cfg.rollout.tis_cap if tis_enabled(cfg.rollout.tis, self.lc.objective) else None
+        self.objectives = Objectives(
+            self.lc, g.tp_group_or_none, self.student.real_vocab_size, tok.decode, tis
+        )
         self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
         self.optimizer = build_optimizer(self.student, self.tc)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
@@ -205,6 +214,7 @@ class OPDTrainer(TrainingRun):
         global_tokens = int(dp_sum(float(batch.tokens), g))
         if not all_finite(0.0 if not bad else float("nan"), g):
             return self.nonfinite_teacher(step, sorted(set(bad)), batch.lam)
+        mismatch = self.engine_mismatch(mbs) if self.cfg.rollout.engine != "megatron" else {}
         lr = lr_at(step, self.tc)
         set_lr(self.optimizer, lr)
         t2 = time.monotonic()
@@ -213,15 +223,39 @@ class OPDTrainer(TrainingRun):
             self.student, mbs, student_hidden, self.loss, g, global_tokens, METRIC_KEYS
         )
         gnorm, skipped = optimizer_step(self.student, self.optimizer, g, loss, self.tc.grad_clip)
+        engine = {}
         if skipped:
             self.skipped["nonfinite"] += 1
         else:
             for t in self.teachers.values():
                 t.after_step(self.student, step + 1)
+            engine = after_optimizer_step(self.sampler, self.student)  # a vLLM engine takes the new weights
         self.consecutive_failures = 0
         times = {"time_rollout": t_rollout, "time_score": t_score, "time_update": time.monotonic() - t2}
-        rec = {"loss": loss, "grad_norm": gnorm, "lr": lr, "skipped": skipped, **times}
+        rec = {"loss": loss, "grad_norm": gnorm, "lr": lr, "skipped": skipped, **times, **engine, **mismatch}
         return self.step_record(rec, m, batch, mbs, js, global_tokens)
+
+    @torch.no_grad()
+    def engine_mismatch(self, mbs: list[MicroBatch]) -> dict[str, float]:
+        """How far the engine's behaviour log-probs are from the trainer's own on this step's sampled
+        tokens (``rollout/logprob_diff_*``, ``rollout/kl_behaviour_trainer``); the same on every rank."""
+        g, lc, sums = self.groups, self.lc, None
+        parts = []
+        for mb in mbs:
+            s = self.scorer.score(mb.rows, mb.prompts, mb.comps)
+            if s is None:  # not the last pipeline stage
+                continue
+            labels_N1 = mb.labels[mb.loss_positions].unsqueeze(-1)
+            lp_N = gather_logprobs(
+                s.logits_NV(), labels_N1, g.tp_group_or_none, lc.temperature, self.student.real_vocab_size
+            )
+            parts.append((lp_N.squeeze(-1), mb.behaviour[mb.loss_positions]))
+        if parts:
+            trainer_N, behaviour_N = (torch.cat(x) for x in zip(*parts))
+            stats = logprob_mismatch(trainer_N.double(), behaviour_N.double())
+            sums = torch.tensor([stats[k] for k in MISMATCH_KEYS], dtype=torch.float64, device=g.device)
+        values = broadcast_from_last_stage(sums, (len(MISMATCH_KEYS),), torch.float64, g).tolist()
+        return {f"rollout/{k}": v for k, v in zip(MISMATCH_KEYS, values)}
 
     def step_record(self, rec: dict, m: dict, batch: OPDBatch, mbs, js, global_tokens: int) -> dict:
         """The train record of a completed step: loss metrics, time shares, teacher counters, alignment."""
@@ -291,7 +325,12 @@ class OPDTrainer(TrainingRun):
 
     # ------------------------------------------------------------------ the run
     def run(self) -> OPDResult:
-        s = super().run()
+        try:
+            s = super().run()
+        finally:
+            close = getattr(self.sampler, "close", None)
+            if close is not None:  # a vLLM engine: closed only at the end (it ends torch.distributed)
+                close()
         if self.groups.is_main:
             from opd_megatron.train.plots import plot_metrics
 
