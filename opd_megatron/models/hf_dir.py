@@ -53,7 +53,18 @@ __all__ = [
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 # Fields that describe where and how the model runs rather than what it computes: a user may set them
 # freely next to an HF directory.
-_RUN_FIELDS = frozenset({"params_dtype", "transformer_impl", "fp8", "init_method_std", "moe_aux_loss_coeff"})
+_RUN_FIELDS = frozenset(
+    {
+        "params_dtype",
+        "transformer_impl",
+        "fp8",
+        "init_method_std",
+        "moe_aux_loss_coeff",
+        "max_sequence_length",
+    }
+)
+"""Fields a run may set whatever the HF config says (``max_sequence_length``: the context the run trains
+and samples in; RoPE models run at any length up to what they were trained for)."""
 
 
 def is_hf_dir(path: str | os.PathLike | None) -> bool:
@@ -83,8 +94,8 @@ def tokenizer_config_from_hf(hf_dir: str | os.PathLike) -> TokenizerConfig:
     """``tokenizer.json`` -> kind ``hf``; ``tokenizer.model`` -> kind ``sentencepiece``; else an error."""
     d = Path(hf_dir)
     template = guess_chat_template(d)
-    if (d / "tokenizer.json").is_file():
-        return TokenizerConfig(kind="hf", path=str((d / "tokenizer.json").resolve()), chat_template=template)
+    if (d / "tokenizer.json").is_file():  # the directory: it also holds the model's chat template
+        return TokenizerConfig(kind="hf", path=str(d.resolve()), chat_template=template)
     if (d / "tokenizer.model").is_file():
         return TokenizerConfig(
             kind="sentencepiece", path=str((d / "tokenizer.model").resolve()), chat_template=template
@@ -164,8 +175,12 @@ def apply_hf_model_config(data: dict, source: str = "train.init_checkpoint") -> 
         raise ConfigError("model", f"expected a mapping, got {type(given).__name__}")
     out = dict(data)
     out["model"] = to_dict(merge_model_config(given, from_hf))
-    if "tokenizer" not in data:
+    given_tok = data.get("tokenizer")
+    if given_tok is None:
         out["tokenizer"] = to_dict(tokenizer)
+    elif isinstance(given_tok, dict) and "path" not in given_tok and "kind" not in given_tok:
+        # Template settings given without the tokenizer itself: the directory's tokenizer with them.
+        out["tokenizer"] = {**to_dict(tokenizer), **given_tok}
     return out
 
 

@@ -14,7 +14,16 @@ from opd_megatron.tokenization.hf_tok import HFTokenizer, byte_to_unicode
 from opd_megatron.tokenization.sentencepiece_tok import SentencePieceTokenizer
 from opd_megatron.tokenization.tiktoken_tok import DEFAULT_PATTERN, TiktokenTokenizer
 
-__all__ = ["DEMO_CORPUS", "DEMO_SPECIALS", "train_hf_bpe", "train_sentencepiece", "train_tiktoken"]
+__all__ = [
+    "CHATML_SPECIALS",
+    "CHATML_THINKING_TEMPLATE",
+    "DEMO_CORPUS",
+    "DEMO_SPECIALS",
+    "train_hf_bpe",
+    "train_sentencepiece",
+    "train_tiktoken",
+    "write_hf_tokenizer_dir",
+]
 
 DEMO_CORPUS = (
     "The quick brown fox jumps over the lazy dog. A student learns from a teacher on its own samples.",
@@ -112,3 +121,58 @@ def train_tiktoken(
     )
     ranks = {bytes(inv[c] for c in piece): r for r, (piece, _) in enumerate(by_id)}
     return TiktokenTokenizer(ranks, specials, eos=specials[0], pattern=DEFAULT_PATTERN)
+
+
+CHATML_THINKING_TEMPLATE = """\
+{%- for message in messages -%}
+{%- set content = message.content -%}
+{%- if message.role == 'assistant' and '</think>' in content -%}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
+{%- endif -%}
+<|im_start|>{{ message.role }}
+{{ content }}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false -%}
+<think>
+
+</think>
+
+{% endif -%}
+{%- endif -%}
+"""
+"""A ChatML chat template with a thinking switch, in the style of Qwen3: past assistant turns lose their
+reasoning, and ``enable_thinking=false`` pre-fills an empty think block in the generation prompt."""
+
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def write_hf_tokenizer_dir(
+    path,
+    template: str = CHATML_THINKING_TEMPLATE,
+    specials: Iterable[str] = CHATML_SPECIALS,
+    config: dict | None = None,
+    template_file: bool = True,
+    corpus: Iterable[str] = DEMO_CORPUS,
+    vocab_size: int = 500,
+):
+    """A Hugging Face tokenizer directory trained here: ``tokenizer.json`` (byte-level BPE),
+    ``tokenizer_config.json``, and the chat template in ``chat_template.jinja`` (or, with
+    ``template_file=False``, inside ``tokenizer_config.json``). ``config`` adds tokenizer_config entries
+    (the ChatML default: EOS ``<|im_end|>``, pad ``<|endoftext|>``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_hf_bpe(corpus, vocab_size, specials=list(specials))
+    (path / "tokenizer.json").write_text(tok.json_str, encoding="utf-8")
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    cfg.update(config if config is not None else {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    if template_file:
+        (path / "chat_template.jinja").write_text(template, encoding="utf-8")
+    else:
+        cfg["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return path

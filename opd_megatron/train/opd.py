@@ -327,14 +327,14 @@ class OPDTrainer(TrainingRun):
     def run(self) -> OPDResult:
         try:
             s = super().run()
+            if self.groups.is_main:
+                from opd_megatron.train.plots import plot_metrics
+
+                plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         finally:
             close = getattr(self.sampler, "close", None)
-            if close is not None:  # a vLLM engine: closed only at the end (it ends torch.distributed)
+            if close is not None:  # a vLLM engine: closed last (closing it ends torch.distributed)
                 close()
-        if self.groups.is_main:
-            from opd_megatron.train.plots import plot_metrics
-
-            plot_metrics(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
         em = lambda rec: domain_values(rec, "exact_match")  # noqa: E731
         kl = lambda rec: rec.get("heldout_reverse_kl", float("nan"))  # noqa: E731
         return OPDResult(

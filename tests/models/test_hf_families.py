@@ -436,7 +436,7 @@ def test_hf_dir_gives_model_and_tokenizer_configs(qwen3_dir, tmp_path):
     assert is_hf_dir(qwen3_dir) and not is_hf_dir(tmp_path) and not is_hf_dir(None)
     cfg, tok = config_from_dir(qwen3_dir)
     assert (cfg.head_dim, cfg.kv_channels, cfg.qk_layernorm, cfg.vocab_size) == (12, 12, True, ROWS)
-    assert tok.kind == "hf" and tok.path == str((qwen3_dir / "tokenizer.json").resolve())
+    assert tok.kind == "hf" and tok.path == str(qwen3_dir.resolve())
     assert tok.chat_template == "chatml"
 
 

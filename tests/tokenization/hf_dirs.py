@@ -9,29 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from opd_megatron.tokenization.train_local import DEMO_CORPUS, train_hf_bpe
-
-# ChatML with a thinking switch (Qwen3 style): past assistant turns lose their reasoning, and
-# enable_thinking=false pre-fills an empty think block in the generation prompt.
-CHATML_THINKING = """\
-{%- for message in messages -%}
-{%- set content = message.content -%}
-{%- if message.role == 'assistant' and '</think>' in content -%}
-{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}
-{%- endif -%}
-<|im_start|>{{ message.role }}
-{{ content }}<|im_end|>
-{% endfor -%}
-{%- if add_generation_prompt -%}
-<|im_start|>assistant
-{% if enable_thinking is defined and enable_thinking is false -%}
-<think>
-
-</think>
-
-{% endif -%}
-{%- endif -%}
-"""
+from opd_megatron.tokenization.train_local import (
+    CHATML_SPECIALS,
+    DEMO_CORPUS,
+    write_hf_tokenizer_dir,
+)
+from opd_megatron.tokenization.train_local import CHATML_THINKING_TEMPLATE as CHATML_THINKING
 
 # Llama-3 style: BOS, header tokens around the role, trimmed content, <|eot_id|> after every turn.
 LLAMA3 = """\
@@ -65,7 +48,6 @@ MISTRAL = """\
 {%- endfor -%}
 """
 
-CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 LLAMA3_SPECIALS = [
     "<|end_of_text|>",
     "<|begin_of_text|>",
@@ -77,23 +59,14 @@ LLAMA3_SPECIALS = [
 
 def write_bpe_dir(path: Path, template: str, specials: list[str], config: dict, template_file: bool) -> Path:
     """A byte-level BPE directory; the template goes to ``chat_template.jinja`` or ``tokenizer_config.json``."""
-    path.mkdir(parents=True, exist_ok=True)
-    tok = train_hf_bpe(specials=specials)
-    (path / "tokenizer.json").write_text(tok.json_str, encoding="utf-8")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **config}
-    if template_file:
-        (path / "chat_template.jinja").write_text(template, encoding="utf-8")
-    else:
-        cfg["chat_template"] = template
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
-    return path
+    return write_hf_tokenizer_dir(path, template, specials, config, template_file)
 
 
 def chatml_dir(path: Path) -> Path:
     return write_bpe_dir(
         path,
         CHATML_THINKING,
-        CHATML_SPECIALS,
+        list(CHATML_SPECIALS),
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
         True,
     )

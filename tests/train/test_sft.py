@@ -83,7 +83,6 @@ def _weights(ckpt) -> dict:
     from opd_megatron.distributed import init_distributed
     from opd_megatron.models.checkpoint import load_model_weights
     from opd_megatron.models.gpt import build_gpt_model
-
     from opd_megatron.tokenization import load_tokenizer
 
     cfg = _config("unused")
