@@ -57,8 +57,6 @@ __all__ = [
     "loss_kwargs",
 ]
 
-_BIG = torch.iinfo(torch.int64).max
-
 
 class FusedDivergenceOutput(NamedTuple):
     loss: torch.Tensor
@@ -67,7 +65,8 @@ class FusedDivergenceOutput(NamedTuple):
     per_token: torch.Tensor
     """``[T]`` divergence ``D_t`` of each token (detached; unweighted, unscaled, unclipped; 0 where masked)."""
     top1_agree: torch.Tensor
-    """``[T]`` bool: the student's and the teacher's most likely token are the same (False where masked)."""
+    """``[T]`` bool: the student's and the teacher's most likely token are the same (with ties: some
+    token is most likely under both; False where masked)."""
 
 
 @dataclass(frozen=True)
@@ -175,51 +174,45 @@ def _teacher_rows(x: _Inputs, t_RV, c0: int, r0: int, r1: int, inv_temp: float) 
     return guard
 
 
-def _normalise(s_RV, q_RV, t_RV, p_RV, group, start: int, inv_temp: float) -> torch.Tensor:
+def _normalise(s_RV, q_RV, t_RV, p_RV, group, inv_temp: float) -> torch.Tensor:
     """Turn the student's logits ``s`` (unscaled) and the teacher's ``t`` (already divided by the
     temperature) into log-probs in place and fill the probabilities ``q``, ``p``, with normalisers
     over the whole (TP-split) vocabulary. Returns the top-1 agreement ``[R]``.
 
     ``log q = (s - max) / tau - log sum exp((s - max) / tau)``: the max and the log-sum are
     subtracted one after the other, never as one rounded ``lse``, so a log-prob near 0 keeps full
-    precision whatever the logits' magnitude (with logits of 1e4 an fp32 ``lse`` is off by 5e-4)."""
+    precision whatever the logits' magnitude (with logits of 1e4 an fp32 ``lse`` is off by 5e-4).
+
+    Top-1 agreement: after the max is subtracted, both sides are exactly 0 at their maxima and
+    negative elsewhere, so ``max_v (s'_v + t'_v) == 0`` exactly when some token is most likely under
+    both (one add and one max per entry; an argmax costs ten times that on CPU). Its per-rank
+    indicator rides in the all-reduce of the sums."""
     R = s_RV.shape[0]
     if s_RV.shape[1]:
-        max_s = s_RV.amax(dim=-1)
-        max_t, arg_t = t_RV.max(dim=-1)
+        max_2R = torch.stack([s_RV.amax(dim=-1), t_RV.amax(dim=-1)])
     else:  # this rank holds only padded rows
-        max_s = s_RV.new_full((R,), -torch.inf)
-        max_t, arg_t = max_s.clone(), torch.zeros(R, dtype=torch.long, device=s_RV.device)
-    max_2R = torch.stack([max_s, max_t])
+        max_2R = s_RV.new_full((2, R), -torch.inf)
     all_reduce(max_2R, group, dist.ReduceOp.MAX)
-
-    # Top-1 agreement with one collective: the teacher's global argmax is the smallest global index
-    # reaching the global max; its owner knows whether the student's logit there is the student's
-    # global max. Encode (index, disagrees) as index * 2 + disagrees and take the min over ranks.
-    owner = (max_t == max_2R[1]) & torch.isfinite(max_t)
-    if s_RV.shape[1]:
-        disagrees = s_RV.gather(1, arg_t.unsqueeze(1)).squeeze(1) != max_2R[0]
-    else:
-        disagrees = torch.ones(R, dtype=torch.bool, device=s_RV.device)
-    key = torch.where(owner, (start + arg_t) * 2 + disagrees.long(), torch.full_like(arg_t, _BIG))
-    all_reduce(key, group, dist.ReduceOp.MIN)
-    agree_R = (key != _BIG) & (key % 2 == 0)
-
     # A row that is -inf everywhere would give (-inf) - (-inf) = nan; shift it by 0 instead.
     max_2R = torch.where(torch.isfinite(max_2R), max_2R, torch.zeros_like(max_2R))
     s_RV.sub_(max_2R[0].unsqueeze(1))
     if inv_temp != 1.0:
         s_RV.mul_(inv_temp)
     t_RV.sub_(max_2R[1].unsqueeze(1))
+    if s_RV.shape[1]:
+        both_R = torch.add(s_RV, t_RV, out=q_RV).amax(dim=-1) == 0
+    else:
+        both_R = torch.zeros(R, dtype=torch.bool, device=s_RV.device)
     torch.exp(s_RV, out=q_RV)
     torch.exp(t_RV, out=p_RV)
-    sum_2R = torch.stack([q_RV.sum(dim=-1), p_RV.sum(dim=-1)])  # [R, V/tp] -> [R], both sides
-    all_reduce(sum_2R, group)
-    s_RV.sub_(sum_2R[0].log().unsqueeze(1))
-    t_RV.sub_(sum_2R[1].log().unsqueeze(1))
-    q_RV.div_(sum_2R[0].unsqueeze(1))
-    p_RV.div_(sum_2R[1].unsqueeze(1))
-    return agree_R
+    # [R, V/tp] -> [R]: both sides' sums of exponentials and this rank's agreement indicator
+    sum_3R = torch.stack([q_RV.sum(dim=-1), p_RV.sum(dim=-1), both_R.to(q_RV.dtype)])
+    all_reduce(sum_3R, group)
+    s_RV.sub_(sum_3R[0].log().unsqueeze(1))
+    t_RV.sub_(sum_3R[1].log().unsqueeze(1))
+    q_RV.div_(sum_3R[0].unsqueeze(1))
+    p_RV.div_(sum_3R[1].unsqueeze(1))
+    return sum_3R[2] > 0
 
 
 def _student_grad_into(out_RV, g_RV, q_RV, coef_R, group) -> None:
@@ -251,7 +244,7 @@ def _grad_coef(coef_N, value_N, spec: _Spec):
     return coef_N * (spec.inv_temperature * spec.loss_scale)
 
 
-def _chunks(x: _Inputs, spec: _Spec, group, start: int, coef_N, grad_h_NH, grad_w_VH):
+def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
     """Per-token values and top-1 agreement; when ``grad_h_NH`` / ``grad_w_VH`` are given, also the
     gradients (not yet scaled by the upstream gradient), accumulated into them."""
     N, acc, dev = coef_N.shape[0], coef_N.dtype, coef_N.device
@@ -280,7 +273,7 @@ def _chunks(x: _Inputs, spec: _Spec, group, start: int, coef_N, grad_h_NH, grad_
             t_RV = t_CV[r0:r1] if x.t_logits is None else t_CV[: r1 - r0]
             q, p, w1, w2 = (b[: r1 - r0] for b in (q_blk, p_blk, w1_blk, w2_blk))
             guard = _teacher_rows(x, t_RV, c0, r0, r1, spec.inv_temperature)
-            agree_N[n0:n1] = _normalise(s_RV, q, t_RV, p, group, start, spec.inv_temperature)
+            agree_N[n0:n1] = _normalise(s_RV, q, t_RV, p, group, spec.inv_temperature)
             value_N[n0:n1], g = pointwise(
                 spec.divergence, t_RV, s_RV, p, q, w1, w2, jsd_beta=spec.jsd_beta,
                 skew_alpha=spec.skew_alpha, value=True, grad=grads, guard=guard,
@@ -315,7 +308,7 @@ class FusedLinearDivergence(torch.autograd.Function):
         T, H = hidden_TH.shape
         V_local = weight_VH.shape[0]
         acc, dev = coef_T.dtype, hidden_TH.device
-        start, n_valid = vocab_range(V_local, group, spec.vocab_size)
+        _, n_valid = vocab_range(V_local, group, spec.vocab_size)
         rows_N = torch.nonzero(coef_T).squeeze(1)  # only tokens that carry loss are computed
         N = rows_N.numel()
         x = _inputs(hidden_TH, weight_VH, t_hidden_TH, t_weight_VH, t_logits_TV, rows_N, n_valid)
@@ -325,7 +318,7 @@ class FusedLinearDivergence(torch.autograd.Function):
         grad_h_NH = torch.zeros(N, H, dtype=acc, device=dev) if need_h else None
         grad_w_VH = torch.zeros(V_local, H, dtype=acc, device=dev) if need_w else None
         value_N, agree_N = _chunks(
-            x, spec, group, start, coef_N, grad_h_NH, None if grad_w_VH is None else grad_w_VH[:n_valid]
+            x, spec, group, coef_N, grad_h_NH, None if grad_w_VH is None else grad_w_VH[:n_valid]
         )
 
         loss = (coef_N * _clip_values(value_N, spec)).sum() * spec.loss_scale

@@ -27,12 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rowdot", "pointwise"]
-
-
-def rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product ``[C, V] x [C, V] -> [C]`` without a ``[C, V]`` temporary."""
-    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+__all__ = ["pointwise"]
 
 
 def _mix_into(out, w_a: float, a, b):
@@ -61,7 +56,11 @@ def pointwise(
     ``lt``/``ls`` are teacher/student log-probs and ``p``/``q`` their exponentials, all ``[C, V]`` and
     left untouched. ``guard`` must be set when the teacher log-probs can hold -inf: then the terms
     with zero weight are forced to 0 instead of ``0 * inf = nan`` (student logits come from a matmul
-    and are always finite, so only the teacher side needs it)."""
+    and are always finite, so only the teacher side needs it).
+
+    Each value sum ``sum_v a_v b_v`` is an in-place product and a row sum, and the product is reused
+    for the gradient where the two share it (``q (l_S - log m)`` in JSD); a batched-matmul row dot is
+    five times slower on CPU."""
     if name == "jsd" and jsd_beta in (0.0, 1.0):
         name = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
     if name in ("skew_forward_kl", "skew_reverse_kl") and skew_alpha == 0.0:
@@ -73,7 +72,7 @@ def pointwise(
             d = torch.sub(lt, ls, out=work1)
             if guard:
                 d.masked_fill_(p == 0, 0.0)
-            val = rowdot(p, d)
+            val = d.mul_(p).sum(dim=-1)
         if grad:
             g = torch.neg(p, out=work1)
 
@@ -81,10 +80,11 @@ def pointwise(
         r = torch.sub(ls, lt, out=work1)
         if guard:
             r.masked_fill_(q == 0, 0.0)
+        qr = r.mul_(q)
         if value:
-            val = rowdot(q, r)
+            val = qr.sum(dim=-1)
         if grad:
-            g = r.add_(1.0).mul_(q)
+            g = qr.add_(q)  # q (l_S - l_T + 1)
 
     elif name == "jsd":
         beta = jsd_beta
@@ -93,12 +93,13 @@ def pointwise(
             d = torch.sub(lt, log_m, out=work1)
             if guard:
                 d.masked_fill_(p == 0, 0.0)
-            val = beta * rowdot(p, d)
-        d = torch.sub(ls, log_m, out=work1)  # finite: log m >= log((1-beta) q) and log m >= log(tiny)
+            val = beta * d.mul_(p).sum(dim=-1)
+        # finite: log m >= log((1-beta) q) and log m >= log(tiny)
+        qd = torch.sub(ls, log_m, out=work1).mul_(q)
         if value:
-            val = val + (1.0 - beta) * rowdot(q, d)
+            val = val + (1.0 - beta) * qd.sum(dim=-1)
         if grad:
-            g = d.mul_(q).mul_(1.0 - beta)
+            g = qd.mul_(1.0 - beta)
 
     elif name == "skew_forward_kl":
         alpha = skew_alpha
@@ -107,7 +108,7 @@ def pointwise(
             d = torch.log(m, out=work1).neg_().add_(lt)
             if guard:
                 d.masked_fill_(p == 0, 0.0)
-            val = rowdot(p, d)
+            val = d.mul_(p).sum(dim=-1)
         if grad:
             g = torch.mul(p, q, out=work1).div_(m).mul_(-(1.0 - alpha))
 
@@ -116,15 +117,16 @@ def pointwise(
         m = _mix_into(work2, alpha, q, p)
         r = torch.log(m, out=work1).neg_().add_(ls)  # finite: m >= alpha q and m >= tiny
         if value:
-            val = rowdot(q, r)
+            val = torch.linalg.vecdot(q, r)
         if grad:
+            # q (r + 1 - alpha q / m) in this order: expanding it into q r + q - ... loses precision
             ratio = torch.div(q, m, out=work2).mul_(alpha)
             g = r.add_(1.0).sub_(ratio).mul_(q)
 
     elif name == "tv":
         d = torch.sub(q, p, out=work1)
         if value:
-            val = 0.5 * torch.linalg.vector_norm(d, ord=1, dim=-1)
+            val = 0.5 * torch.abs(d, out=work2).sum(dim=-1)
         if grad:
             g = torch.sign(d, out=work1).mul_(q).mul_(0.5)
 

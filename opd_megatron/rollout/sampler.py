@@ -296,18 +296,21 @@ class MegatronSampler:
         ids, pos = ids_BS, pos_BS
         for t in range(n):
             logits = [stage.logits(ids, pos, mask) for stage in stages]
-            chosen_B3 = None
-            if g.is_last_stage:
+            if g.pp_size == 1:  # nothing to broadcast: no packing, no float64 round trip of the tokens
                 tok_B, lp_B, w_B = self._choose(logits, params, alpha, generators)
-                w_B = w_B if w_B is not None else torch.ones_like(lp_B)
-                chosen_B3 = torch.stack([tok_B.double(), lp_B.double(), w_B.double()], dim=-1)
-            chosen_B3 = broadcast_from_last_stage(chosen_B3, (b, 3), torch.float64, g)
-            tok_B = chosen_B3[:, 0].long()
+            else:
+                chosen_B3 = None
+                if g.is_last_stage:
+                    tok_B, lp_B, w_B = self._choose(logits, params, alpha, generators)
+                    w_B = w_B if w_B is not None else torch.ones_like(lp_B)
+                    chosen_B3 = torch.stack([tok_B.double(), lp_B.double(), w_B.double()], dim=-1)
+                chosen_B3 = broadcast_from_last_stage(chosen_B3, (b, 3), torch.float64, g)
+                tok_B, lp_B, w_B = chosen_B3[:, 0].long(), chosen_B3[:, 1], chosen_B3[:, 2]
             live_B = ~done_B
             tokens_BN[:, t] = tok_B.masked_fill(done_B, self.pad_id)
-            logprobs_BN[:, t] = chosen_B3[:, 1]
+            logprobs_BN[:, t] = lp_B
             if weights_BN is not None:
-                weights_BN[:, t] = chosen_B3[:, 2]
+                weights_BN[:, t] = w_B
             length_B += live_B
             eos_B = live_B & (tok_B == self.eos_id)
             reason_B.masked_fill_(eos_B, _EOS)

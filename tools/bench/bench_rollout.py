@@ -9,9 +9,16 @@ of mixed-length prompts three ways:
   the same tokens (checked);
 * ``kv sample``: the same sampler at temperature 1 with top-p 0.95 (the sampling path).
 
+With ``--compare-to REV`` the KV-cache sampler of git revision ``REV`` (its ``rollout/sampler.py``, on
+today's other modules) also runs, interleaved with today's (A, B, A, B, ...), so "before" and "after"
+are measured side by side in one run; both must give the same tokens and log-probabilities.
+
 Throughput is ``batch * decode steps / seconds``: rows that finish early still occupy the batch in all three
 methods, so the steps executed, not the tokens kept, are the work done. Each method runs once to warm up,
 then ``--repeats`` times; the best time is reported (the least disturbed by other load on the machine).
+Times are the process's CPU time (user + system), not wall time: on a shared machine wall time also
+counts the time a ready process waits for a core. Run with ``OMP_NUM_THREADS=1`` so the two agree on an
+idle machine.
 
     python tools/bench/bench_rollout.py [--sizes 128x2,256x4] [--batch 32] [--new-tokens 32] \
         [--out bench_results/rollout.json]
@@ -41,10 +48,43 @@ def _best_time(fn, repeats: int):
     result = fn()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         result = fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best, result
+
+
+def _sampler_at(rev: str):
+    """``MegatronSampler`` as of git revision ``rev`` (only ``rollout/sampler.py`` is taken from it)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    src = subprocess.run(
+        ["git", "-C", str(repo), "show", f"{rev}:opd_megatron/rollout/sampler.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    name = f"_sampler_at_{rev.replace('/', '_').replace('~', '_').replace('^', '_')}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    exec(compile(src, f"{rev}:opd_megatron/rollout/sampler.py", "exec"), module.__dict__)
+    return module.MegatronSampler
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Best time of each function over ``repeats`` interleaved rounds, after one warm-up each."""
+    results = {k: f() for k, f in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            results[k] = f()
+            best[k] = min(best[k], time.process_time() - t0)
+    return {k: (best[k], results[k]) for k in fns}
 
 
 def bench_size(groups, hidden: int, layers: int, args) -> dict:
@@ -74,10 +114,19 @@ def bench_size(groups, hidden: int, layers: int, args) -> dict:
         lambda: greedy_generate(model, prompts, args.new_tokens, eos, pad, groups), args.repeats
     )
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
-    t_kv, ro = _best_time(lambda: sampler.generate(prompts, greedy), args.repeats)
     sample = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.95, seed=0)
-    t_sample, ro_s = _best_time(lambda: sampler.generate(prompts, sample), args.repeats)
-
+    fns = {
+        "kv_greedy": lambda: sampler.generate(prompts, greedy),
+        "kv_sample": lambda: sampler.generate(prompts, sample),
+    }
+    if args.compare_to:
+        before = _sampler_at(args.compare_to)(
+            model, groups, eos_id=eos, pad_id=pad, max_batch_size=args.batch
+        )
+        fns["before_greedy"] = lambda: before.generate(prompts, greedy)
+        fns["before_sample"] = lambda: before.generate(prompts, sample)
+    timed = _interleaved(fns, args.repeats)
+    (t_kv, ro), (t_sample, ro_s) = timed["kv_greedy"], timed["kv_sample"]
     kv_tokens = [c[:-1] if c and c[-1] == eos else c for c in ro.completion_ids]
     same = kv_tokens == ref
     # Every method runs until its longest row stops (greedy_generate drops the EOS it stopped on).
@@ -99,6 +148,23 @@ def bench_size(groups, hidden: int, layers: int, args) -> dict:
         "kv_greedy_tok_s": args.batch * steps / t_kv,
         "kv_sample_tok_s": args.batch * steps_sample / t_sample,
         "speedup_greedy": t_rec / t_kv,
+        **_before(timed, ro, ro_s, args),
+    }
+
+
+def _before(timed: dict, ro, ro_s, args) -> dict:
+    """Tokens/s of the ``--compare-to`` revision and whether its rollouts are identical to today's."""
+    if "before_greedy" not in timed:
+        return {}
+    (t_bg, rb), (t_bs, rbs) = timed["before_greedy"], timed["before_sample"]
+    steps = max(len(c) for c in rb.completion_ids)
+    steps_s = max(len(c) for c in rbs.completion_ids)
+    same = all(a == b for a, b in ((ro, rb), (ro_s, rbs)))
+    return {
+        "compare_to": args.compare_to,
+        "before_greedy_tok_s": args.batch * steps / t_bg,
+        "before_sample_tok_s": args.batch * steps_s / t_bs,
+        "before_identical": same,
     }
 
 
@@ -112,6 +178,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="bench_results/rollout.json")
+    parser.add_argument(
+        "--compare-to", default="", help="git revision whose sampler runs interleaved (before)"
+    )
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
@@ -147,6 +216,13 @@ def main() -> None:
             f"{r['recompute_tok_s']:>15.0f} {r['kv_greedy_tok_s']:>15.0f} {r['kv_sample_tok_s']:>15.0f} "
             f"{r['speedup_greedy']:>11.2f}x {str(r['greedy_tokens_equal']):>11}"
         )
+        if "compare_to" in r:
+            print(
+                f"{'':>6} {'before':>6} ({r['compare_to']}): kv greedy {r['before_greedy_tok_s']:.0f} tok/s "
+                f"(now {r['kv_greedy_tok_s'] / r['before_greedy_tok_s']:.2f}x), kv sample "
+                f"{r['before_sample_tok_s']:.0f} tok/s (now {r['kv_sample_tok_s'] / r['before_sample_tok_s']:.2f}x), "
+                f"identical rollouts: {r['before_identical']}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
