@@ -41,13 +41,16 @@ class SDPACoreAttention(MegatronModule):
         q_BHSD, k_BHSD, v_BHSD = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         heads, groups = q_BHSD.shape[1], k_BHSD.shape[1]
         sq, sk = q_BHSD.shape[2], k_BHSD.shape[2]
-        if groups != heads:  # GQA: each key/value head serves heads // groups query heads
-            k_BHSD = k_BHSD.repeat_interleave(heads // groups, dim=1)
-            v_BHSD = v_BHSD.repeat_interleave(heads // groups, dim=1)
+        # GQA: each key/value head serves heads // groups query heads (SDPA broadcasts them itself).
+        gqa = {"enable_gqa": True} if groups != heads else {}
         dropout = self.dropout_p if self.training else 0.0
         if attention_mask is None and sq == sk:
             out_BHSD = F.scaled_dot_product_attention(
-                q_BHSD, k_BHSD, v_BHSD, is_causal=True, dropout_p=dropout, scale=self.softmax_scale
+                q_BHSD, k_BHSD, v_BHSD, is_causal=True, dropout_p=dropout, scale=self.softmax_scale, **gqa
+            )
+        elif attention_mask is None and sq == 1:  # one decode step: the last query sees every cached key
+            out_BHSD = F.scaled_dot_product_attention(
+                q_BHSD, k_BHSD, v_BHSD, dropout_p=dropout, scale=self.softmax_scale, **gqa
             )
         else:
             # Queries are the last sq positions of the sk keys (decode against a cache): the causal mask
@@ -56,7 +59,13 @@ class SDPACoreAttention(MegatronModule):
             if attention_mask is not None:
                 allowed_SK = allowed_SK & ~attention_mask
             out_BHSD = F.scaled_dot_product_attention(
-                q_BHSD, k_BHSD, v_BHSD, attn_mask=allowed_SK, dropout_p=dropout, scale=self.softmax_scale
+                q_BHSD,
+                k_BHSD,
+                v_BHSD,
+                attn_mask=allowed_SK,
+                dropout_p=dropout,
+                scale=self.softmax_scale,
+                **gqa,
             )
         # [b, h, sq, d] -> [sq, b, h*d], the layout Megatron's output projection expects.
         return out_BHSD.permute(2, 0, 1, 3).reshape(sq, out_BHSD.shape[0], -1)
