@@ -16,7 +16,6 @@ Finished rows keep decoding (their outputs are ignored) until the whole batch is
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,7 +32,7 @@ from opd_megatron.rollout.sampling import (
     choose_gumbel,
     choose_mixture,
 )
-from opd_megatron.rollout.types import Rollout, Sampler, SamplingParams
+from opd_megatron.rollout.types import Rollout, Sampler, SamplingParams, check_generate_request
 
 __all__ = ["MegatronSampler", "Rollout", "Sampler", "SamplingParams"]
 
@@ -114,29 +113,10 @@ class MegatronSampler:
         self._teacher_stage = None
 
     # ------------------------------------------------------------------ validation
-    def _check_request(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("generate needs at least one prompt, got an empty prompt list")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty: a completion needs at least one prompt token")
-            lo, hi = min(p), max(p)
-            if lo < 0 or hi >= self.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"prompt {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})"
-                )
-        longest = max(len(p) for p in prompts)
-        if longest + params.max_new_tokens > self.max_sequence_length:
-            raise ValueError(
-                f"the longest prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"max_sequence_length={self.max_sequence_length}; shorten the prompts, lower max_new_tokens, "
-                "or build the sampler with a larger max_sequence_length"
-            )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer: pass tokenizer= to MegatronSampler")
+    def _check_request(self, prompts, params: SamplingParams) -> None:
+        check_generate_request(
+            prompts, params, self.vocab_size, self.max_sequence_length, self.tokenizer is not None, "sampler"
+        )
 
     def _mixing_stage(self, teacher, alpha: float, params: SamplingParams) -> CachedStage:
         if not 0.0 <= alpha <= 1.0:

@@ -180,3 +180,31 @@ class Sampler(Protocol):
     """Anything that turns prompts into :class:`Rollout` s (Megatron KV-cache sampler, vLLM engine)."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout: ...
+
+
+def check_generate_request(
+    prompts, params: SamplingParams, vocab_size: int, max_sequence_length: int, has_tokenizer: bool, who: str
+) -> None:
+    """What every sampler checks before generating: prompts non-empty and inside the vocabulary, the
+    longest prompt plus ``max_new_tokens`` inside the context, a tokenizer for stop strings. ``who``
+    names the sampler in the messages."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("generate needs at least one prompt, got an empty prompt list")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: a completion needs at least one prompt token")
+        lo, hi = min(p), max(p)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {vocab_size})")
+    longest = max(len(p) for p in prompts)
+    if longest + params.max_new_tokens > max_sequence_length:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+            f"max_sequence_length={max_sequence_length}; shorten the prompts, lower max_new_tokens, "
+            f"or build the {who} with a larger max_sequence_length"
+        )
+    if params.stop and not has_tokenizer:
+        raise ValueError(f"stop strings need a tokenizer: pass tokenizer= to the {who}")

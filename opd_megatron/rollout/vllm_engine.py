@@ -45,7 +45,7 @@ from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.hf_convert import hf_config_from_model_config, hf_tensor_shapes
 from opd_megatron.rollout.hf_gather import gather_hf_state, is_engine_rank
 from opd_megatron.rollout.sampler import _seed_for_rank
-from opd_megatron.rollout.types import Rollout, SamplingParams
+from opd_megatron.rollout.types import Rollout, SamplingParams, check_generate_request
 from opd_megatron.rollout.vllm_host import (
     EngineStartError,
     RefitError,
@@ -229,28 +229,9 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
     def _check_request(self, prompts, params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if len(prompts) == 0:
-            raise ValueError("generate needs at least one prompt, got an empty prompt list")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty: a completion needs at least one prompt token")
-            lo, hi = min(p), max(p)
-            if lo < 0 or hi >= self.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"prompt {i} has token id {bad}, outside the vocabulary [0, {self.vocab_size})"
-                )
-        longest = max(len(p) for p in prompts)
-        if longest + params.max_new_tokens > self.max_sequence_length:
-            raise ValueError(
-                f"the longest prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
-                f"max_sequence_length={self.max_sequence_length}; shorten the prompts, lower max_new_tokens, "
-                "or build the engine with a larger max_sequence_length"
-            )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer: pass tokenizer= to VLLMEngine")
+        check_generate_request(
+            prompts, params, self.vocab_size, self.max_sequence_length, self.tokenizer is not None, "engine"
+        )
 
     def _request(self, params: SamplingParams) -> dict:
         return {
