@@ -48,7 +48,6 @@ def _greedy_both(rank, root: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd_megatron.config import load_config
     from opd_megatron.data.render import PromptRenderer
     from opd_megatron.data.sources import read_rows
     from opd_megatron.distributed import init_distributed
@@ -61,7 +60,7 @@ def _greedy_both(rank, root: str):
     cfg = read_config(ckpt)
     tok = load_tokenizer(cfg.tokenizer)
     render = PromptRenderer.from_config(tok, cfg.tokenizer)
-    rows = read_rows(Path(root) / "eval.jsonl", load_config(None).data)[:12]
+    rows = read_rows(Path(root) / "eval.jsonl")[:12]
     prompts = [render(r) for r in rows]
     groups = init_distributed(cfg.parallel)
     model = build_gpt_model(cfg.model, groups, tok.vocab_size)
@@ -94,15 +93,15 @@ def test_the_exported_student_answers_like_the_trained_one(example):
 
 def test_resume_reuses_the_cached_conversion(example):
     cache = example / "student_opd" / "hf_cache"
-    before = {
-        p.name: (p / "meta.json").stat().st_mtime_ns for p in cache.iterdir() if (p / "meta.json").exists()
-    }
+
+    def stamps():
+        return {str(m.relative_to(cache)): m.stat().st_mtime_ns for m in cache.glob("*/*/meta.json")}
+
+    before = stamps()
     assert len(before) == 2  # the teacher and the student, converted once each
     proc = _cli("run", str(example / "opd.yaml"), "train.steps=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    after = {
-        p.name: (p / "meta.json").stat().st_mtime_ns for p in cache.iterdir() if (p / "meta.json").exists()
-    }
+    after = stamps()
     assert after == before, "the resumed run converted a Hugging Face directory again"
     assert "resuming at step 6" in proc.stdout
 
