@@ -63,3 +63,11 @@ def write_json(data: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+def markdown_table(table: dict) -> str:
+    """:func:`demo_results`' table as GitHub markdown (for READMEs and reports)."""
+    head = ["domain", *table["columns"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(table)]
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opd_megatron.train.report import demo_results, table_rows
+from opd_megatron.train.report import demo_results, markdown_table, table_rows
 
 TINY = (
     "Budget(expert_steps=4, warmup_steps=4, opd_steps=3, eval_every=2, eval_samples=4, train_size=64, "
@@ -65,3 +65,4 @@ def test_mean_and_std_over_seeds():
     assert abs(t["cells"]["a"]["x"]["std"] - 0.1414) < 1e-3
     assert t["cells"]["a"]["mean"]["seeds"] == [0.75, 0.35]
     assert table_rows(t) == [["x", "0.60 ± 0.14"], ["y", "0.50 ± 0.71"], ["mean", "0.55 ± 0.28"]]
+    assert markdown_table(t).splitlines()[2] == "| x | 0.60 ± 0.14 |"
