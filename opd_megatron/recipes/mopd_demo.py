@@ -292,7 +292,8 @@ def print_intro(root: str, seeds: int, budget: Budget) -> None:
         f"SFT on the experts' samples ({budget.seqkd_steps} steps, same student compute), and two baselines "
         "(a single generalist teacher, an equal mixture of the experts)\n"
         f"  seeds: {seeds}; checkpoints are cached under {root}/ and reused by the next run\n"
-        f"  results: table here and in {root}/results.json, curves in {root}/curves.png",
+        f"  results: table here and in {root}/{result_name(seeds)}.json, curves in "
+        f"{root}/{result_name(seeds).replace('results', 'curves')}.png",
         flush=True,
     )
 
@@ -381,10 +382,16 @@ def run_mopd_demo(
     table = demo_results(per_seed, columns, DOMAINS)
     table.update(budget=asdict(budget), seeds=seeds, wall_s=round(clock.elapsed(), 1))
     print_demo_table(table, f"Specialise then unify: held-out exact match per domain ({seeds} seed(s))")
-    png = plot_demo(per_seed, Path(root) / "curves.png")
-    write_json(table, Path(root) / "results.json")
-    print(f"wall time {clock.elapsed():.0f}s; table: {root}/results.json, curves: {png}", flush=True)
+    stem = Path(root) / result_name(seeds)
+    png = plot_demo(per_seed, stem.with_suffix(".png").with_stem(stem.stem.replace("results", "curves")))
+    out = write_json(table, stem.with_suffix(".json"))
+    print(f"wall time {clock.elapsed():.0f}s; table: {out}, curves: {png}", flush=True)
     return 0
+
+
+def result_name(seeds: int) -> str:
+    """``results`` for one seed, ``results_<n>seeds`` otherwise (a one-seed run keeps a many-seed table)."""
+    return "results" if seeds == 1 else f"results_{seeds}seeds"
 
 
 def plot_demo(per_seed: list[dict], out: Path) -> Path:
