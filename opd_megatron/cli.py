@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
     if path is None and not any(o.startswith("teachers") for o in overrides):
         from opd_megatron.recipes.mopd_demo import run_mopd_demo
 
-        return run_mopd_demo(None, overrides)
+        return run_mopd_demo(None, overrides, seeds=args.seeds)
     cfg = _load(path, overrides)
     _preflight(cfg)
     from opd_megatron.train.opd import run_opd
@@ -112,7 +112,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("sft", "run")
+
+
+def build_parser(optional: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``optional=False`` leaves out the subcommands whose modules import torch at once, so
+    ``sft`` and ``run`` (the demo) print their first lines without waiting for those imports."""
     parser = argparse.ArgumentParser(prog="opd-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sft", help="supervised fine-tuning (the specialise stage)")
@@ -123,7 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="on-policy distillation; without a config, the built-in teacher -> student job of `make demo`",
     )
     _add_config_args(p)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="the built-in job only: run the whole pipeline for this many seeds (table: mean +- std)",
+    )
     p.set_defaults(func=cmd_run)
+    if not optional:
+        return parser
     try:
         from opd_megatron.launch.cli import add_launch_parser
 
@@ -153,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_warnings()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(optional=not argv or argv[0] not in CORE_COMMANDS)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
