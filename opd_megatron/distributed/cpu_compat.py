@@ -1,6 +1,6 @@
 """Make Megatron-core's CUDA assumptions harmless on a CPU-only machine.
 
-Megatron-core runs forward/backward on CPU with gloo, but three places assume CUDA exists. This module
+Megatron-core runs forward/backward on CPU with gloo, but a few places assume CUDA exists. This module
 patches exactly those, and only when ``torch.cuda.is_available()`` is False, so GPU runs are untouched.
 It is idempotent; :func:`opd_megatron.distributed.init_distributed` calls it.
 
@@ -20,6 +20,15 @@ Patched, and why each is safe on CPU:
    tied embeddings and PP > 1 it moves the last stage's copy of the embedding to CUDA before the
    all-reduce that makes both copies equal; on CPU the copy is already where the all-reduce needs it.
    The identity is in force only for the duration of that call.
+6. The proxy of 3 for the optimizer modules (``optimizer.optimizer``, ``distrib_optimizer``,
+   ``grad_scaler``, ``clip_grads``) and ``megatron.core.utils`` (its pure-torch fallback of the
+   multi-tensor l2 norm): they allocate loss-scale, found-inf and norm scalars with ``device="cuda"``.
+   Without apex or Transformer Engine those modules already fall back to pure-torch multi-tensor ops.
+7. ``Tensor.type()`` reports CUDA type names (``torch.cuda.BFloat16Tensor``) during the constructors of
+   ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` and during
+   ``clip_grad_by_total_norm_fp32``: they decide which parameters need an fp32 main copy by comparing
+   ``param.type()`` with CUDA type names and raise on anything else. Only the no-argument form is
+   changed, only for CPU tensors, and only for the duration of those calls.
 """
 
 from __future__ import annotations
@@ -75,6 +84,44 @@ def _without_cuda_moves(fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    original = torch.Tensor.type
+
+    def cuda_named(self, *args, **kwargs):
+        if args or kwargs or self.is_cuda:
+            return original(self, *args, **kwargs)
+        return original(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _tensor_type_names_cuda():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_optimizer_modules() -> None:
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for module in (mcore_optimizer, distrib_optimizer, grad_scaler, clip_grads, mcore_utils):  # 6
+        module.torch = _CpuTorchProxy("torch")
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)  # 7
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = mcore_optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU patches when CUDA is absent. Returns True when they are active."""
     global _ACTIVE
@@ -93,6 +140,7 @@ def activate_cpu_compat() -> bool:
     LanguageModule.setup_embeddings_and_output_layer = _without_cuda_moves(  # 5
         LanguageModule.setup_embeddings_and_output_layer
     )
+    _patch_optimizer_modules()
     _ACTIVE = True
     return True
 

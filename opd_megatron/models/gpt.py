@@ -31,12 +31,25 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def build_transformer_config(cfg: ModelConfig, groups: ParallelGroups, params_dtype: str | None = None):
+def recompute_kwargs(recompute: str) -> dict:
+    """TransformerConfig fields of ``train.recompute``: ``selective`` recomputes core attention (the
+    ``[b, heads, s, s]`` scores dominate activation memory at long sequences), ``full`` recomputes every
+    layer from its input (one checkpointed layer at a time), keeping only layer inputs."""
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def build_transformer_config(
+    cfg: ModelConfig, groups: ParallelGroups, params_dtype: str | None = None, recompute: str = "none"
+):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[params_dtype or cfg.params_dtype]
     cuda = torch.cuda.is_available()
-    kwargs = {}
+    kwargs = recompute_kwargs(recompute)
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
     return TransformerConfig(
@@ -85,6 +98,7 @@ def build_gpt_model(
     frozen: bool = False,
     params_dtype: str | None = None,
     initialize: bool = True,
+    recompute: str = "none",
 ):
     """Build this rank's GPTModel stage.
 
@@ -93,6 +107,7 @@ def build_gpt_model(
     ``frozen`` builds a teacher: no gradients, eval mode (``params_dtype="bf16"`` halves its memory).
     ``initialize=False`` skips the random init (parameters hold arbitrary values) for callers that
     overwrite every parameter: init costs time and an fp32 copy of each weight at once.
+    ``recompute`` is ``train.recompute`` (a student's activation recomputation).
     """
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -100,7 +115,7 @@ def build_gpt_model(
     if real_vocab is None:
         raise ValueError("the vocabulary size must come from model.vocab_size or the tokenizer")
     resolve_impl(cfg)  # raises a ConfigError for FP8 without TE/CUDA before anything is allocated
-    tconfig = build_transformer_config(cfg, groups, params_dtype)
+    tconfig = build_transformer_config(cfg, groups, params_dtype, recompute)
     tconfig.perform_initialization = initialize
     if seed is not None:
         torch.manual_seed(seed)

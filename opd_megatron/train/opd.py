@@ -40,10 +40,10 @@ from opd_megatron.tokenization.alignment import alignment_stats
 from opd_megatron.train.batch import DataCursor, MicroBatch, OPDBatch, opd_microbatch
 from opd_megatron.train.evaluate import OPDEvaluator, measure_pass_rates, prompt_ids
 from opd_megatron.train.objectives import METRIC_KEYS, Objectives
-from opd_megatron.train.optim import build_optimizer, lr_at, set_lr
+from opd_megatron.train.optim import lr_at, make_optimizer
 from opd_megatron.train.rollouts import RolloutSource
 from opd_megatron.train.runner import TrainingRun, domain_values
-from opd_megatron.train.step import forward_backward, optimizer_step
+from opd_megatron.train.step import forward_backward
 from opd_megatron.train.teacher_setup import build_run_teachers, describe_teachers
 
 
@@ -78,9 +78,14 @@ class OPDTrainer(TrainingRun):
         self.prompt_fn = lambda row: prompt_ids(self.tokenizer, row.prompt)
         self.train_rows, self.eval_rows = build_datasets(cfg.data)
         vocab = self.tokenizer.vocab_size
-        self.student = self.model = build_gpt_model(cfg.model, g, vocab, seed=cfg.train.seed)
+        self.student = self.model = build_gpt_model(
+            cfg.model, g, vocab, seed=cfg.train.seed, recompute=self.tc.recompute
+        )
         if self.tc.init_checkpoint:
             load_model_weights(self.tc.init_checkpoint, self.student)
+        # Before anything else holds the student: the distributed optimizer moves its parameters into
+        # one contiguous buffer.
+        self.optimizer = make_optimizer(self.student, self.tc, g)
         self.teachers = build_run_teachers(cfg, g, self.tokenizer, self.student, prompt_ids)
         self.teacher = self.teachers[default_teacher(cfg)]
         """The default teacher: the one of single-teacher features (mixed sampling, off-policy samples)."""
@@ -111,7 +116,6 @@ class OPDTrainer(TrainingRun):
         self.rollouts.use_teacher(getattr(self.teacher, "model", None), getattr(self.teacher, "groups", g))
         self.objectives = Objectives(self.lc, g.tp_group_or_none, self.student.real_vocab_size, tok.decode)
         self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
-        self.optimizer = build_optimizer(self.student, self.tc)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
         self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "teacher_failures": 0}
         self.consecutive_failures = 0
@@ -199,13 +203,13 @@ class OPDTrainer(TrainingRun):
                 )
             return self.skip_record("non-finite teacher scores", batch.lam)
         lr = lr_at(step, self.tc)
-        set_lr(self.optimizer, lr)
+        self.optimizer.set_lr(lr)
         t2 = time.monotonic()
         self.student.train()
         loss, m = forward_backward(
             self.student, mbs, student_hidden, self.loss, g, global_tokens, METRIC_KEYS
         )
-        gnorm, skipped = optimizer_step(self.student, self.optimizer, g, loss, self.tc.grad_clip)
+        gnorm, skipped = self.optimizer.step(loss, self.tc.grad_clip)
         if skipped:
             self.skipped["nonfinite"] += 1
         else:
