@@ -29,6 +29,10 @@ Patched, and why each is safe on CPU:
    ``clip_grad_by_total_norm_fp32``: they decide which parameters need an fp32 main copy by comparing
    ``param.type()`` with CUDA type names and raise on anything else. Only the no-argument form is
    changed, only for CPU tensors, and only for the duration of those calls.
+8. ``tensor_parallel.random``'s CUDA RNG state get/set: an empty state and a no-op. Activation
+   recomputation (``train.recompute``) saves and restores "all RNG states" around each checkpointed
+   region; on CPU the only generator is the CPU one, which that code saves and restores itself, so the
+   recomputed forward draws the same numbers (dropout included).
 """
 
 from __future__ import annotations
@@ -122,6 +126,13 @@ def _patch_optimizer_modules() -> None:
     clip_grads.clip_grad_by_total_norm_fp32 = mcore_optimizer.clip_grad_by_total_norm_fp32 = clip
 
 
+def _patch_recompute_rng() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)  # 8
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU patches when CUDA is absent. Returns True when they are active."""
     global _ACTIVE
@@ -141,6 +152,7 @@ def activate_cpu_compat() -> bool:
         LanguageModule.setup_embeddings_and_output_layer
     )
     _patch_optimizer_modules()
+    _patch_recompute_rng()
     _ACTIVE = True
     return True
 
