@@ -28,7 +28,9 @@ Patched, and why each is safe on CPU:
    ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` and during
    ``clip_grad_by_total_norm_fp32``: they decide which parameters need an fp32 main copy by comparing
    ``param.type()`` with CUDA type names and raise on anything else. Only the no-argument form is
-   changed, only for CPU tensors, and only for the duration of those calls.
+   changed, only for CPU tensors, and only for the duration of those calls. Also 5's identity
+   ``Tensor.cuda`` during ``DistributedOptimizer.get_parameter_state_dp_zero``, which gathers the
+   sharded optimizer state for a reshardable checkpoint and moves it to CUDA for the collective.
 8. ``tensor_parallel.random``'s CUDA RNG state get/set: an empty state and a no-op. Activation
    recomputation (``train.recompute``) saves and restores "all RNG states" around each checkpointed
    region; on CPU the only generator is the CPU one, which that code saves and restores itself, so the
@@ -122,6 +124,8 @@ def _patch_optimizer_modules() -> None:
         module.torch = _CpuTorchProxy("torch")
     for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
         cls.__init__ = _with_cuda_type_names(cls.__init__)  # 7
+    dopt = distrib_optimizer.DistributedOptimizer
+    dopt.get_parameter_state_dp_zero = _without_cuda_moves(dopt.get_parameter_state_dp_zero)
     clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = mcore_optimizer.clip_grad_by_total_norm_fp32 = clip
 

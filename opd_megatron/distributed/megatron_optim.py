@@ -22,6 +22,9 @@ all-reduced by Megatron's ``finalize_model_grads`` on the embedding group of the
 from __future__ import annotations
 
 import math
+import types
+
+import torch
 
 from opd_megatron.distributed.grads import all_finite
 from opd_megatron.distributed.setup import ParallelGroups
@@ -123,5 +126,42 @@ class MegatronOptim:
     def load_sharded(self, directory: str) -> None:
         from megatron.core import dist_checkpointing
 
+        self._materialise_state()
+        for inner in getattr(self.opt, "chained_optimizers", [self.opt]):
+            if hasattr(inner, "_set_main_param_and_optimizer_states"):
+                inner._set_main_param_and_optimizer_states = types.MethodType(_set_states, inner)
         state = dist_checkpointing.load(self.sharded_state_dict(is_loading=True), directory)
         self.opt.load_state_dict(state)
+        # Without apex/TE the distributed optimizer restores torch Adam's per-parameter ``step`` as one
+        # tensor shared by every parameter; Adam increments it in place per parameter, so the bias
+        # correction of the next step would count every parameter as a step. Give each its own copy.
+        for inner in getattr(self.opt, "chained_optimizers", [self.opt]):
+            for st in getattr(inner, "optimizer", inner).state.values():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].clone()
+
+    def _materialise_state(self) -> None:
+        """The distributed optimizer describes its checkpoint from its own state, which Adam creates at
+        its first step: take one step with zero gradients at lr 0 and no weight decay (parameters
+        unchanged), whose moments the load then overwrites."""
+        for inner in getattr(self.opt, "chained_optimizers", [self.opt]):
+            if not hasattr(inner, "_init_optimizer_states_with_dummy_values") or inner.optimizer.state:
+                continue
+            saved = [(g["lr"], g["weight_decay"]) for g in inner.optimizer.param_groups]
+            for g in inner.optimizer.param_groups:
+                g["lr"], g["weight_decay"] = 0.0, 0.0
+            inner._init_optimizer_states_with_dummy_values()
+            for g, (lr, wd) in zip(inner.optimizer.param_groups, saved):
+                g["lr"], g["weight_decay"] = lr, wd
+
+
+def _set_states(dopt, model_param, tensors: dict) -> None:
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` for torch's Adam (no apex/TE): the
+    original copies every key of the destination state, which for torch's Adam includes the per-parameter
+    ``step`` that the reshardable format stores once per optimizer (and restores itself), so it fails on
+    the missing key. Copy the keys the checkpoint holds: the fp32 main parameter and the two moments."""
+    group_index, group_order = dopt.model_param_group_index_map[model_param]
+    main_param = dopt.optimizer.param_groups[group_index]["params"][group_order]
+    dst = {"param": main_param, **dopt.optimizer.state[main_param]}
+    for key, src in tensors.items():
+        dst[key].copy_(src)
