@@ -44,10 +44,14 @@ class MegatronOptim:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         tconfig = model.config
+        # A bf16/fp16 model always takes the distributed optimizer (at DP=1 it shards nothing): Megatron's
+        # non-distributed mixed-precision optimizer cannot describe its checkpoint when some parameters
+        # stay fp32 (the local spec's norm weights): it maps state ids over the 16-bit parameters only.
+        distributed = cfg.use_distributed_optimizer or tconfig.bf16 or tconfig.fp16
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.overlap_grad_reduce,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            use_distributed_optimizer=distributed,
         )
         self.model, self.groups = model, groups
         self.ddp = DistributedDataParallel(tconfig, ddp_config, model, pg_collection=groups.pg_collection)
@@ -65,7 +69,7 @@ class MegatronOptim:
             fp16=tconfig.fp16,
             params_dtype=tconfig.params_dtype,
             initial_loss_scale=2.0**16 if tconfig.fp16 else None,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            use_distributed_optimizer=distributed,
             clip_grad=cfg.grad_clip,
         )
         # Our groups may be gloo groups already; Megatron's extra gloo groups are for NCCL setups.

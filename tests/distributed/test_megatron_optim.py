@@ -124,11 +124,14 @@ def _main_param(opt, weight):
     inner = getattr(getattr(opt, "opt", None), "chained_optimizers", None)
     if inner is None:
         return None
-    for model_group, main_group in zip(inner[0].float16_groups, inner[0].fp32_from_float16_groups):
+    # bf16 takes the distributed optimizer; at DP=1 its shard of a parameter is the whole (flat) parameter.
+    for model_group, main_group in zip(
+        inner[0].model_float16_groups, inner[0].shard_fp32_from_float16_groups
+    ):
         for p, main in zip(model_group, main_group):
             if p is weight:
                 assert main.dtype == torch.float32
-                return main.detach().clone()
+                return main.detach().clone().view_as(weight)
     raise AssertionError("weight has no fp32 main parameter")
 
 
