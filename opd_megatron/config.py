@@ -535,6 +535,21 @@ class TrainConfig:
     tokenizer files, chat template, generation config), atomically. Needs an ``hf`` tokenizer."""
     progress: bool = True
     """Show a live progress bar (disabled automatically when output is not a terminal)."""
+    optimizer_impl: Literal["torch", "megatron"] = "torch"
+    """``torch``: AdamW on the model's own parameters, one flat DP all-reduce after backward, optimizer
+    state per rank (a resume needs the same layout). ``megatron``: Megatron-core's
+    DistributedDataParallel and ``get_megatron_optimizer`` (Adam with fp32 main parameters for bf16/fp16
+    models, dynamic loss scaling for fp16), optimizer state in the reshardable distributed checkpoint."""
+    use_distributed_optimizer: bool = False
+    """``optimizer_impl: megatron``: shard the optimizer state and fp32 main parameters over DP ranks."""
+    overlap_grad_reduce: bool = False
+    """``optimizer_impl: megatron``: start each gradient bucket's DP reduction during backward."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation of the student (Megatron's ``recompute_granularity``): ``selective``
+    recomputes core attention, ``full`` every transformer layer."""
+    max_tokens_per_microbatch: int = 0
+    """OPD: build micro-batches by a token budget (rows x padded width) from rollouts grouped by length,
+    instead of ``micro_batch_size`` rows padded to the step's longest rollout (0: off)."""
 
     def __post_init__(self):
         _check_literals(self)
@@ -554,6 +569,17 @@ class TrainConfig:
         )
         for name in ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2"):
             _finite(getattr(self, name), name)
+        _check(
+            self.max_tokens_per_microbatch >= 0,
+            "max_tokens_per_microbatch",
+            f"must be >= 0 (0: off), got {self.max_tokens_per_microbatch}",
+        )
+        for name in ("use_distributed_optimizer", "overlap_grad_reduce"):
+            _check(
+                self.optimizer_impl == "megatron" or not getattr(self, name),
+                name,
+                "needs optimizer_impl: megatron (Megatron-core's DistributedDataParallel)",
+            )
 
 
 BUILTIN_DOMAINS = ("addition", "reversal", "sorting")

@@ -29,6 +29,22 @@ Patched, and why each is safe on CPU:
    NumPy only for CUDA tensors, and ``all_to_all_single`` rejects a tensor as split sizes: on CPU the
    dispatcher gets a version that does the NumPy conversion for host tensors too.
 
+8. The proxy of 3 for the optimizer modules (``optimizer.optimizer``, ``distrib_optimizer``,
+   ``grad_scaler``, ``clip_grads``) and ``megatron.core.utils`` (its pure-torch fallback of the
+   multi-tensor l2 norm): they allocate loss-scale, found-inf and norm scalars with ``device="cuda"``.
+   Without apex or Transformer Engine those modules already fall back to pure-torch multi-tensor ops.
+9. ``Tensor.type()`` reports CUDA type names (``torch.cuda.BFloat16Tensor``) during the constructors of
+   ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer`` and during
+   ``clip_grad_by_total_norm_fp32``: they decide which parameters need an fp32 main copy by comparing
+   ``param.type()`` with CUDA type names and raise on anything else. Only the no-argument form is
+   changed, only for CPU tensors, and only for the duration of those calls. Also 5's identity
+   ``Tensor.cuda`` during ``DistributedOptimizer.get_parameter_state_dp_zero``, which gathers the
+   sharded optimizer state for a reshardable checkpoint and moves it to CUDA for the collective.
+10. ``tensor_parallel.random``'s CUDA RNG state get/set: an empty state and a no-op. Activation
+   recomputation (``train.recompute``) saves and restores "all RNG states" around each checkpointed
+   region; on CPU the only generator is the CPU one, which that code saves and restores itself, so the
+   recomputed forward draws the same numbers (dropout included).
+
 One more patch is not about CUDA but about Transformer Engine being absent, so it is applied whenever
 TE cannot be imported (CPU, or a GPU machine without TE), by :func:`activate_te_absent_compat`:
 
@@ -142,6 +158,53 @@ def activate_te_absent_compat() -> None:
         moe_utils.te_general_gemm = None
 
 
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    original = torch.Tensor.type
+
+    def cuda_named(self, *args, **kwargs):
+        if args or kwargs or self.is_cuda:
+            return original(self, *args, **kwargs)
+        return original(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _tensor_type_names_cuda():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_optimizer_modules() -> None:
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for module in (mcore_optimizer, distrib_optimizer, grad_scaler, clip_grads, mcore_utils):  # 6
+        module.torch = _CpuTorchProxy("torch")
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)  # 9
+    dopt = distrib_optimizer.DistributedOptimizer
+    dopt.get_parameter_state_dp_zero = _without_cuda_moves(dopt.get_parameter_state_dp_zero)
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = mcore_optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
+def _patch_recompute_rng() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)  # 10
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def activate_cpu_compat() -> bool:
     """Install the CPU patches when CUDA is absent. Returns True when they are active."""
     global _ACTIVE
@@ -165,6 +228,8 @@ def activate_cpu_compat() -> bool:
 
     token_dispatcher.torch = _CpuTorchWithHostStreams("torch")  # 6
     token_dispatcher.maybe_move_tensor_to_cpu = _host_tensor
+    _patch_optimizer_modules()  # 8, 9
+    _patch_recompute_rng()  # 10
     _ACTIVE = True
     return True
 

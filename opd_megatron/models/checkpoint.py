@@ -418,12 +418,15 @@ def load_model_weights(
         ) from e
 
 
-def load_rank_state(ckpt: str | Path, groups: ParallelGroups) -> dict:
-    """This rank's training state. Needs the same parallel layout as at save time."""
+def load_rank_state(ckpt: str | Path, groups: ParallelGroups, any_layout: bool = False) -> dict:
+    """This rank's training state. Needs the same parallel layout as at save time, unless
+    ``any_layout`` (the state holds nothing rank-specific): then rank 0's state when the layout differs."""
     ckpt = resolve_checkpoint(ckpt)
     meta = read_meta(ckpt)
     world = dist.get_world_size() if dist.is_initialized() else 1
     layout = (meta["tp"], meta["pp"], meta["world_size"])
+    if layout != (groups.tp_size, groups.pp_size, world) and any_layout:
+        return torch.load(ckpt / "rank_state" / "rank_00000.pt", weights_only=True)
     if layout != (groups.tp_size, groups.pp_size, world):
         raise CheckpointError(
             f"{ckpt}: training state was saved at TP={layout[0]} PP={layout[1]} world={layout[2]} and "

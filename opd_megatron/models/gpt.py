@@ -43,12 +43,25 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def build_transformer_config(cfg: ModelConfig, groups: ParallelGroups, params_dtype: str | None = None):
+def recompute_kwargs(recompute: str) -> dict:
+    """TransformerConfig fields of ``train.recompute``: ``selective`` recomputes core attention (the
+    ``[b, heads, s, s]`` scores dominate activation memory at long sequences), ``full`` recomputes every
+    layer from its input (one checkpointed layer at a time), keeping only layer inputs."""
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def build_transformer_config(
+    cfg: ModelConfig, groups: ParallelGroups, params_dtype: str | None = None, recompute: str = "none"
+):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = _DTYPES[params_dtype or cfg.params_dtype]
     cuda = torch.cuda.is_available()
-    kwargs = {}
+    kwargs = recompute_kwargs(recompute)
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
     if cfg.num_experts is not None:
@@ -122,6 +135,7 @@ def build_gpt_model(
     params_dtype: str | None = None,
     initialize: bool = True,
     all_rows: bool = False,
+    recompute: str = "none",
 ):
     """Build this rank's GPTModel stage.
 
@@ -132,6 +146,7 @@ def build_gpt_model(
     ``frozen`` builds a teacher: no gradients, eval mode (``params_dtype="bf16"`` halves its memory).
     ``initialize=False`` skips the random init (parameters hold arbitrary values) for callers that
     overwrite every parameter: init costs time and an fp32 copy of each weight at once.
+    ``recompute`` is ``train.recompute`` (a student's activation recomputation).
     """
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -145,7 +160,7 @@ def build_gpt_model(
         )
     rows = (cfg.vocab_size or real_vocab) if all_rows else real_vocab
     resolve_impl(cfg)  # raises a ConfigError for FP8 without TE/CUDA before anything is allocated
-    tconfig = build_transformer_config(cfg, groups, params_dtype)
+    tconfig = build_transformer_config(cfg, groups, params_dtype, recompute)
     tconfig.perform_initialization = initialize
     if seed is not None:
         torch.manual_seed(seed)

@@ -169,3 +169,28 @@ def sft_microbatches(
             )
         )
     return out
+
+
+def token_budget_split(indices: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split rollouts ``indices`` (``lengths[i]`` = prompt + completion tokens of rollout ``i``) into
+    micro-batches of at most ``max_tokens`` padded tokens each (rows x the longest row).
+
+    Longest first, then greedily: a micro-batch takes the next rollout while ``(rows + 1) * width <=
+    max_tokens``, where ``width`` is its first (longest) rollout's length. Rollouts of similar length
+    land together, so padding stays small. A rollout longer than the budget goes alone.
+    """
+    order = sorted(indices, key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def padding_fraction(mbs: Sequence[MicroBatch]) -> float:
+    """Share of the micro-batches' ``[B, S]`` token slots that hold padding (rows and columns)."""
+    real = sum(len(p) + len(c) for mb in mbs for p, c in zip(mb.prompts, mb.comps))
+    slots = sum(mb.tokens.numel() for mb in mbs)
+    return 1.0 - real / max(slots, 1)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from opd_megatron.config import RunConfig, validate_opd
+from opd_megatron.config import ConfigError, RunConfig, validate_opd
 from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups, init_distributed
@@ -32,6 +32,7 @@ from opd_megatron.models.checkpoint import load_model_weights
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
 from opd_megatron.models.hidden import decoder_hidden_states
 from opd_megatron.mopd import MOPDOrchestrator, StepAborted
+from opd_megatron.mopd.orchestrator import Group
 from opd_megatron.mopd.registry import default_teacher
 from opd_megatron.rollout.engines import after_optimizer_step, build_sampler
 from opd_megatron.rollout.mismatch import logprob_mismatch, tis_enabled
@@ -41,13 +42,20 @@ from opd_megatron.teachers import MegatronTeacher, SelfTeacher
 from opd_megatron.teachers.base import TeacherError
 from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.tokenization.alignment import alignment_stats
-from opd_megatron.train.batch import DataCursor, MicroBatch, OPDBatch, opd_microbatch
+from opd_megatron.train.batch import (
+    DataCursor,
+    MicroBatch,
+    OPDBatch,
+    opd_microbatch,
+    padding_fraction,
+    token_budget_split,
+)
 from opd_megatron.train.evaluate import OPDEvaluator, check_prompts, measure_pass_rates
 from opd_megatron.train.objectives import METRIC_KEYS, Objectives
-from opd_megatron.train.optim import build_optimizer, lr_at, set_lr
+from opd_megatron.train.optim import lr_at, make_optimizer
 from opd_megatron.train.rollouts import RolloutSource
 from opd_megatron.train.runner import TrainingRun, domain_values
-from opd_megatron.train.step import forward_backward, optimizer_step
+from opd_megatron.train.step import forward_backward
 from opd_megatron.train.teacher_setup import build_run_teachers, describe_teachers
 
 
@@ -82,6 +90,11 @@ class OPDTrainer(TrainingRun):
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups | None = None):
         validate_opd(cfg)
+        if cfg.train.max_tokens_per_microbatch and cfg.parallel.pp > 1:
+            raise ConfigError(
+                "train.max_tokens_per_microbatch",
+                "needs parallel.pipeline_model_parallel_size 1 (pipeline stages exchange fixed shapes)",
+            )
         super().__init__(cfg, groups or init_distributed(cfg.parallel, cfg.train.seed))
         cfg = self.cfg  # with Hugging Face checkpoints replaced by their converted copies
         self.lc, g = cfg.loss, self.groups
@@ -91,9 +104,14 @@ class OPDTrainer(TrainingRun):
         self.train_rows, self.eval_rows = build_datasets(cfg.data)
         check_prompts(self.prompt_fn, self.train_rows, self.eval_rows, cfg)
         vocab = self.tokenizer.vocab_size
-        self.student = self.model = build_gpt_model(cfg.model, g, vocab, seed=cfg.train.seed)
+        self.student = self.model = build_gpt_model(
+            cfg.model, g, vocab, seed=cfg.train.seed, recompute=self.tc.recompute
+        )
         if self.tc.init_checkpoint:
             load_model_weights(self.tc.init_checkpoint, self.student)
+        # Before anything else holds the student: the distributed optimizer moves its parameters into
+        # one contiguous buffer.
+        self.optimizer = make_optimizer(self.student, self.tc, g)
         self.teachers = build_run_teachers(cfg, g, self.tokenizer, self.student, self.prompt_fn)
         self.teacher = self.teachers[default_teacher(cfg)]
         """The default teacher: the one of single-teacher features (mixed sampling, off-policy samples)."""
@@ -129,7 +147,6 @@ class OPDTrainer(TrainingRun):
             self.lc, g.tp_group_or_none, self.student.real_vocab_size, tok.decode, tis
         )
         self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
-        self.optimizer = build_optimizer(self.student, self.tc)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
         self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "all_empty": 0, "teacher_failures": 0}
         """Skipped steps by reason (``empty_rollouts`` counts rollouts, the others steps)."""
@@ -170,14 +187,39 @@ class OPDTrainer(TrainingRun):
         idx = self.cursor.take(n_prompts * g.dp_size)[g.dp_rank * n_prompts : (g.dp_rank + 1) * n_prompts]
         return [self.train_rows[i] for i in idx for _ in range(n)]
 
-    def score(self, batch: OPDBatch) -> list[MicroBatch]:
-        """The step's micro-batches, one per group of rollouts a teacher supervises, with their targets."""
-        g, size = self.groups, self.tc.micro_batch_size
+    def plan(self, batch: OPDBatch) -> list[Group]:
+        """The orchestrator's groups (one teacher each); under ``train.max_tokens_per_microbatch`` each
+        teacher's rollouts in one group, split by the token budget with similar lengths together."""
+        budget = self.tc.max_tokens_per_microbatch
+        size = len(batch.rows) if budget else self.tc.micro_batch_size
         plan = self.orch.plan(batch.rows, batch.prompts, batch.comps, size)
-        width = max(len(p) + len(c) for p, c in zip(batch.prompts, batch.comps))
-        mbs = []
+        if not budget:
+            return plan
+        lengths = [len(p) + len(c) for p, c in zip(batch.prompts, batch.comps)]
+        out = []
         for grp in plan:
-            n_rows = size if g.pp_size > 1 else len(grp.indices)  # pipeline stages exchange fixed shapes
+            for part in token_budget_split(grp.indices, lengths, budget):
+                target = grp.target
+                if target is not None:  # prescored (confidence routing): keep this part's rows
+                    local = [grp.indices.index(i) for i in part]
+                    target = target.take_rows([len(batch.comps[i]) for i in grp.indices], local)
+                out.append(Group(grp.teacher, part, target, grp.prescored))
+        return out
+
+    def score(self, batch: OPDBatch) -> list[MicroBatch]:
+        """The step's micro-batches, one per group of rollouts a teacher supervises, with their targets.
+        Each is as wide as its longest rollout (the step's longest under pipeline parallelism, whose
+        stages exchange fixed shapes)."""
+        g, size = self.groups, self.tc.micro_batch_size
+        step_width = max(len(p) + len(c) for p, c in zip(batch.prompts, batch.comps))
+        mbs = []
+        for grp in self.plan(batch):
+            n_rows = size if g.pp_size > 1 else len(grp.indices)
+            width = (
+                step_width
+                if g.pp_size > 1
+                else max(len(batch.prompts[i]) + len(batch.comps[i]) for i in grp.indices)
+            )
             mb = opd_microbatch(batch, grp.indices, width, n_rows, self.tokenizer.pad_id, g.device)
             mb.teacher_name, mb.target, mb.prescored = grp.teacher, grp.target, grp.prescored
             mbs.append(mb)
@@ -216,13 +258,13 @@ class OPDTrainer(TrainingRun):
             return self.nonfinite_teacher(step, sorted(set(bad)), batch.lam)
         mismatch = self.engine_mismatch(mbs) if self.cfg.rollout.engine != "megatron" else {}
         lr = lr_at(step, self.tc)
-        set_lr(self.optimizer, lr)
+        self.optimizer.set_lr(lr)
         t2 = time.monotonic()
         self.student.train()
         loss, m = forward_backward(
             self.student, mbs, student_hidden, self.loss, g, global_tokens, METRIC_KEYS
         )
-        gnorm, skipped = optimizer_step(self.student, self.optimizer, g, loss, self.tc.grad_clip)
+        gnorm, skipped = self.optimizer.step(loss, self.tc.grad_clip)
         engine = {}
         if skipped:
             self.skipped["nonfinite"] += 1
@@ -279,6 +321,7 @@ class OPDTrainer(TrainingRun):
             **rec,
             **{"lambda": batch.lam},
             rollout_len=batch.tokens / len(batch.comps),
+            padding_fraction=padding_fraction(mbs),
             rollout_tokens_per_s=gen / t_roll if t_roll > 0 and gen else 0.0,
             train_tokens_per_s=global_tokens / (rec["time_score"] + rec["time_update"]),
         )

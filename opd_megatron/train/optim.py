@@ -1,4 +1,15 @@
-"""Optimizer and learning-rate schedule shared by SFT and OPD."""
+"""Optimizer and learning-rate schedule shared by SFT and OPD.
+
+Two implementations behind one small interface (``set_lr``, ``zero_grad``, ``step(loss, max_norm) ->
+(grad norm, skipped)``, ``param_groups``, ``sharded``), picked by ``train.optimizer_impl``:
+
+- ``torch`` (:class:`TorchOptim`): AdamW on the model's parameters, gradients synchronised by
+  :mod:`opd_megatron.distributed.grads`; its state is per rank (``state_dict``), saved in the rank
+  state, so a resume needs the same layout;
+- ``megatron`` (:class:`~opd_megatron.distributed.megatron_optim.MegatronOptim`): Megatron-core's DDP
+  and optimizer, fp32 main parameters for bf16/fp16, optional distributed optimizer; its state is a
+  sharded state dict saved with the weights (``sharded = True``), loadable at any layout.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,7 @@ import math
 import torch
 
 from opd_megatron.config import TrainConfig
+from opd_megatron.distributed import ParallelGroups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -19,6 +31,46 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=1e-8,
     )
+
+
+class TorchOptim:
+    """AdamW with the loop's gradient sync, norm, clipping and non-finite skip."""
+
+    sharded = False
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, groups: ParallelGroups):
+        self.model, self.groups = model, groups
+        self.opt = build_optimizer(model, cfg)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.opt, lr)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, loss: float, max_norm: float) -> tuple[float, bool]:
+        from opd_megatron.train.step import optimizer_step
+
+        return optimizer_step(self.model, self.opt, self.groups, loss, max_norm)
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, groups: ParallelGroups):
+    """The optimizer of ``train.optimizer_impl`` for ``model`` (built, not yet wrapped)."""
+    if cfg.optimizer_impl == "megatron":
+        from opd_megatron.distributed.megatron_optim import MegatronOptim
+
+        return MegatronOptim(model, cfg, groups)
+    return TorchOptim(model, cfg, groups)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -5,7 +5,10 @@ constructor) and three methods: ``train_step(step) -> record``, ``evaluate() -> 
 ``describe(start) -> str``. Everything a checkpoint holds is written here, in one place:
 
 - the model's weights (Megatron distributed checkpoint, reshardable), plus ``extra_models()``;
-- this rank's state (:meth:`TrainingRun.rank_state`): optimizer, torch RNG, data position, skip counters;
+- this rank's state (:meth:`TrainingRun.rank_state`): torch RNG, data position, skip counters, and the
+  optimizer of ``train.optimizer_impl: torch``;
+- the optimizer of ``train.optimizer_impl: megatron``, as a sharded state dict next to the weights
+  (``optimizer/``), so such a run resumes at another TP/PP/DP layout;
 - the run config and the tokenizer.
 
 Resume restores exactly that, so a resumed run reproduces the uninterrupted one.
@@ -54,7 +57,8 @@ class TrainingRun:
     kind: str = "run"
     """The job kind (``sft``, ``opd``): progress label, and recorded with checkpoints."""
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: object
+    """A :mod:`~opd_megatron.train.optim` optimizer (torch or Megatron implementation)."""
     cursor: DataCursor
     tokenizer: object
 
@@ -88,15 +92,18 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ checkpoints
     def rank_state(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
+        state = {
             "torch_rng": torch.get_rng_state(),
             "data": self.cursor.state(),
             "skipped": dict(self.skipped),
         }
+        if not self.optimizer.sharded:  # a sharded optimizer is saved with the weights instead
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def load_rank_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.optimizer.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.cursor = DataCursor(self.cursor.n, self.cursor.seed, **state["data"])
         self.skipped.update(state.get("skipped", {}))
@@ -111,9 +118,17 @@ class TrainingRun:
             tokenizer=self.tokenizer,
             rank_state=self.rank_state(),
             keep_last=self.tc.keep_last,
-            extra_models=self.extra_models(),
+            extra_models=self.checkpointed_modules(),
             job=self.kind,
         )
+
+    def checkpointed_modules(self) -> dict | None:
+        """What goes to the distributed checkpoint besides the model: extra models and, when its state
+        is sharded (Megatron optimizer), the optimizer (``optimizer/``), reshardable like the weights."""
+        extra = dict(self.extra_models() or {})
+        if self.optimizer.sharded:
+            extra["optimizer"] = self.optimizer
+        return extra or None
 
     def resume(self) -> int:
         """Load the newest intact checkpoint of this run's output directory (when ``train.resume``;
@@ -129,7 +144,11 @@ class TrainingRun:
         check_run_identity(ckpt, self.cfg, self.kind, force=self.tc.resume == "force")
         load_model_weights(ckpt, self.model)
         self.on_resume(ckpt)
-        self.load_rank_state(load_rank_state(ckpt, self.groups))
+        if self.optimizer.sharded:
+            self.optimizer.load_sharded(str(ckpt / "optimizer"))
+        # With the optimizer in the distributed checkpoint, what remains per rank (RNG, data position,
+        # counters) is the same on every rank, so a run may resume at another layout.
+        self.load_rank_state(load_rank_state(ckpt, self.groups, any_layout=self.optimizer.sharded))
         self.resumed_from = ckpt
         return read_meta(ckpt)["step"]
 

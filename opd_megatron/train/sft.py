@@ -25,9 +25,9 @@ from opd_megatron.models.gpt import build_gpt_model, num_parameters
 from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.train.batch import DataCursor, MicroBatch, sft_microbatches
 from opd_megatron.train.evaluate import exact_match
-from opd_megatron.train.optim import build_optimizer, lr_at, set_lr
+from opd_megatron.train.optim import lr_at, make_optimizer
 from opd_megatron.train.runner import TrainingRun, domain_values
-from opd_megatron.train.step import forward_backward, optimizer_step
+from opd_megatron.train.step import forward_backward
 
 
 @dataclass
@@ -62,8 +62,14 @@ class SFTRun(TrainingRun):
         self.render = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)
         """Row -> prompt ids under the model's chat template; completions end at its end-of-turn token."""
         self.examples = self.encode_all()
-        self.model = build_gpt_model(cfg.model, self.groups, self.tokenizer.vocab_size, seed=cfg.train.seed)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.model = build_gpt_model(
+            cfg.model,
+            self.groups,
+            self.tokenizer.vocab_size,
+            seed=cfg.train.seed,
+            recompute=cfg.train.recompute,
+        )
+        self.optimizer = make_optimizer(self.model, cfg.train, self.groups)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
         self.max_new = max(len(self.tokenizer.encode(r.reference or "")) for r in self.train_rows[:512]) + 2
         self.last_loss = float("nan")
@@ -122,9 +128,9 @@ class SFTRun(TrainingRun):
         idx = self.cursor.take(tc.micro_batch_size * tc.grad_accumulation * g.dp_size)
         mbs, global_tokens = self.microbatches(idx)
         lr = lr_at(step, tc)
-        set_lr(self.optimizer, lr)
+        self.optimizer.set_lr(lr)
         loss, _ = forward_backward(self.model, mbs, sft_forward, sft_loss, g, global_tokens, ("tokens",))
-        gnorm, skipped = optimizer_step(self.model, self.optimizer, g, loss, tc.grad_clip)
+        gnorm, skipped = self.optimizer.step(loss, tc.grad_clip)
         if skipped:
             self.skipped["nonfinite"] = self.skipped.get("nonfinite", 0) + 1
             if g.is_main:
