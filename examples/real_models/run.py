@@ -36,8 +36,8 @@ def build_model_dir(path: Path, tokenizer_dir: Path, layers_etc: dict, seed: int
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opd_megatron.tokenization import load_tokenizer
     from opd_megatron.config import TokenizerConfig
+    from opd_megatron.tokenization import load_tokenizer
 
     vocab = load_tokenizer(TokenizerConfig(kind="hf", path=str(tokenizer_dir))).vocab_size
     torch.manual_seed(seed)
