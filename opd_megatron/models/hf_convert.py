@@ -156,7 +156,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     return data
 
 
-def _architecture(hf: dict) -> str:
+def architecture_for(hf: dict) -> str:
     archs = hf.get("architectures") or []
     if not archs:  # configs written without a model class still name the family
         by_type = {f.model_type: a for a, f in SUPPORTED_ARCHITECTURES.items()}
@@ -250,7 +250,7 @@ def model_config_from_hf(
     (unsupported architecture, RoPE scaling other than linear/llama3, biases other than Qwen2's QKV bias,
     sliding-window attention, activations other than SiLU, MoE layouts other than Qwen3-MoE's).
     """
-    arch = _architecture(hf)
+    arch = architecture_for(hf)
     family = SUPPORTED_ARCHITECTURES[arch]
     missing = [
         k
@@ -538,7 +538,7 @@ def _mlp_links(mlp, p: str, cfg: ModelConfig, ep_rank: int, ep_size: int) -> lis
     return links
 
 
-def _links(model, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1) -> list[_Link]:
+def tensor_links(model, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1) -> list[_Link]:
     """Every parameter of this pipeline stage (and expert-parallel rank), paired with its HF tensors."""
     links: list[_Link] = []
     if model.pre_process:
@@ -621,7 +621,9 @@ def _combine(link: _Link, pieces: list[torch.Tensor], cfg: ModelConfig, tp: int)
     return piece
 
 
-def _split(link: _Link, full: torch.Tensor, cfg: ModelConfig, real_vocab: int) -> tuple[torch.Tensor, ...]:
+def split_fused(
+    link: _Link, full: torch.Tensor, cfg: ModelConfig, real_vocab: int
+) -> tuple[torch.Tensor, ...]:
     """A TP=1 parameter -> its HF tensors (views), in ``link.hf_names`` order."""
     if link.kind == "qkv":
         return split_qkv(full, cfg.num_attention_heads, cfg.query_groups)
@@ -759,7 +761,7 @@ def import_hf_checkpoint(
     model = build_gpt_model(cfg, groups, real_vocab, initialize=False, all_rows=True)
     filled: set[int] = set()
     with torch.no_grad():
-        for link in _links(model, cfg, groups.ep_rank, groups.ep_size):
+        for link in tensor_links(model, cfg, groups.ep_rank, groups.ep_size):
             pieces = _read_shard(weights, link, groups, model.padded_vocab_size)
             local = _combine(link, pieces, cfg, groups.tp_size)
             if local.shape != link.param.shape:
@@ -806,11 +808,11 @@ def import_hf_checkpoint(
 def _export_plan(model, cfg: ModelConfig, real_vocab: int, dtype: torch.dtype) -> list[PlannedTensor]:
     """``real_vocab`` here is the number of embedding rows written (the checkpoint's row count)."""
     producers: dict[str, Callable[[], torch.Tensor]] = {}
-    for link in _links(model, cfg):
+    for link in tensor_links(model, cfg):
         for j, name in enumerate(link.hf_names):
             # Bind link and j now; each producer builds its tensor only when the writer asks for it.
             def produce(link=link, j=j) -> torch.Tensor:
-                return _split(link, link.param.detach(), cfg, real_vocab)[j].to(dtype).contiguous()
+                return split_fused(link, link.param.detach(), cfg, real_vocab)[j].to(dtype).contiguous()
 
             producers.setdefault(name, produce)
     shapes = hf_tensor_shapes(cfg, real_vocab)
@@ -850,7 +852,7 @@ def export_hf_checkpoint(
     base_path = ckpt / HF_SIDE_DIR / "config.json"
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
     if architecture is None:
-        architecture = _architecture(base) if base is not None else default_architecture(cfg)
+        architecture = architecture_for(base) if base is not None else default_architecture(cfg)
     out_dtype = _TORCH_DTYPES[dtype or cfg.params_dtype]
     hf_cfg = hf_config_from_model_config(cfg, rows, architecture, out_dtype, base)
 

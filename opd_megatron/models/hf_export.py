@@ -28,12 +28,12 @@ from opd_megatron.config import ModelConfig
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.hf_convert import (
     HF_SIDE_FILES,
-    _architecture,
-    _links,
-    _split,
+    architecture_for,
     default_architecture,
     hf_config_from_model_config,
     hf_tensor_shapes,
+    split_fused,
+    tensor_links,
 )
 from opd_megatron.models.hf_safetensors import (
     SAFETENSORS_INDEX,
@@ -41,8 +41,8 @@ from opd_megatron.models.hf_safetensors import (
     ConversionError,
     PlannedTensor,
     copy_files,
+    write_shard,
 )
-from opd_megatron.models.hf_safetensors import _write_shard as write_shard
 
 __all__ = ["chat_template_jinja", "export_hf"]
 
@@ -91,7 +91,7 @@ def _my_tensors(model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtyp
     parameter order on every TP rank."""
     out: dict[str, torch.Tensor] = {}
     owns_dense = groups.ep_rank == 0  # replicated non-expert parameters: written by EP rank 0 only
-    for link in _links(model, cfg, groups.ep_rank, groups.ep_size):
+    for link in tensor_links(model, cfg, groups.ep_rank, groups.ep_size):
         is_expert = ".mlp.experts." in link.hf_names[0]
         tied_copy = (
             cfg.tie_embeddings and not model.pre_process and link.hf_names == ("model.embed_tokens.weight",)
@@ -105,7 +105,7 @@ def _my_tensors(model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtyp
                 full_VH = torch.cat([full_VH, full_VH.new_zeros(rows - full_VH.shape[0], full_VH.shape[1])])
             out[link.hf_names[0]] = full_VH.to(dtype).contiguous()
             continue
-        for name, tensor in zip(link.hf_names, _split(link, full, cfg, rows)):
+        for name, tensor in zip(link.hf_names, split_fused(link, full, cfg, rows)):
             out[name] = tensor.to(dtype).contiguous()
     return out
 
@@ -202,7 +202,7 @@ def export_hf(
         side = _tokenizer_files(tokenizer, staging)
         base = side["base"]
         if architecture is None:
-            architecture = _architecture(base) if base is not None else default_architecture(model_cfg)
+            architecture = architecture_for(base) if base is not None else default_architecture(model_cfg)
         hf_cfg = hf_config_from_model_config(model_cfg, rows, architecture, out_dtype, base)
         hf_cfg.update(side.get("ids", {}))
         (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")

@@ -171,7 +171,7 @@ def _plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[lis
     return shards
 
 
-def _write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
+def write_shard(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
@@ -220,7 +220,7 @@ def write_sharded(
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         fname = SAFETENSORS_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        _write_shard(directory / fname, shard, {"format": "pt"})
+        write_shard(directory / fname, shard, {"format": "pt"})
         paths.append(directory / fname)
         weight_map.update({t.name: fname for t in shard})
     if n > 1:

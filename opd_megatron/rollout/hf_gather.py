@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from opd_megatron.config import ModelConfig
 from opd_megatron.distributed import ParallelGroups
-from opd_megatron.models.hf_convert import _links, split_qkv
+from opd_megatron.models.hf_convert import split_qkv, tensor_links
 
 __all__ = ["gather_hf_state", "is_engine_rank"]
 
@@ -56,7 +56,7 @@ def _stage_tensors(model, cfg: ModelConfig, groups: ParallelGroups, dtype: torch
     is present on TP rank 0 only. Collective over the TP group."""
     real_vocab = model.real_vocab_size
     tp = groups.tp_size
-    for link in _links(model, cfg):
+    for link in tensor_links(model, cfg):
         local = link.param.detach()
         if link.kind == "qkv":
             pieces = split_qkv(local, cfg.num_attention_heads // tp, cfg.query_groups // tp)

@@ -40,7 +40,7 @@ _EOS, _STOP, _LENGTH = 0, 1, 2
 _REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
 
 
-def _seed_for_rank(seed: int, rank: int) -> int:
+def seed_for_rank(seed: int, rank: int) -> int:
     """A per-TP-rank seed (splitmix-style mixing keeps neighbouring seeds' streams unrelated)."""
     x = (seed + 0x9E3779B97F4A7C15 * (rank + 1)) % (1 << 64)
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
@@ -221,7 +221,7 @@ class MegatronSampler:
                 seed = int(t.item())
         device = self.groups.device
         shared = torch.Generator(device=device).manual_seed(seed % (1 << 63))
-        shard = torch.Generator(device=device).manual_seed(_seed_for_rank(seed, self.groups.tp_rank))
+        shard = torch.Generator(device=device).manual_seed(seed_for_rank(seed, self.groups.tp_rank))
         return shared, shard
 
     def _choose(self, logits, params: SamplingParams, alpha: float, generators):

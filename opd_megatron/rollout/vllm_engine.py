@@ -44,7 +44,7 @@ from opd_megatron.config import ModelConfig
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.hf_convert import hf_config_from_model_config, hf_tensor_shapes
 from opd_megatron.rollout.hf_gather import gather_hf_state, is_engine_rank
-from opd_megatron.rollout.sampler import _seed_for_rank
+from opd_megatron.rollout.sampler import seed_for_rank
 from opd_megatron.rollout.types import Rollout, SamplingParams, check_generate_request
 from opd_megatron.rollout.vllm_host import (
     EngineStartError,
@@ -248,7 +248,7 @@ class VLLMEngine:
     def _seeds(self, n: int, params: SamplingParams) -> list[int | None]:
         if params.greedy or params.seed is None:
             return [None] * n
-        return [_seed_for_rank(params.seed, i) % (1 << 62) for i in range(n)]
+        return [seed_for_rank(params.seed, i) % (1 << 62) for i in range(n)]
 
     def _cut_at_stop(self, ids: list[int], stops: list[str]) -> int | None:
         """Length up to and including the token whose decoded text first contains a stop string."""
