@@ -829,6 +829,11 @@ def validate_opd(cfg: RunConfig) -> None:  # noqa: C901
     vocabulary (sampled-token objectives, teacher-mixed sampling, teacher-sampled off-policy data) need
     exactly one co-located (or self) teacher of the student's tokenizer."""
     validate_teachers(cfg)
+    _check(
+        not (cfg.train.max_tokens_per_microbatch and cfg.parallel.pp > 1),
+        "train.max_tokens_per_microbatch",
+        "needs parallel.pipeline_model_parallel_size 1 (pipeline stages exchange fixed shapes)",
+    )
     lc, t = cfg.loss, cfg.teachers[0]
     single_dense = len(cfg.teachers) == 1 and t.placement not in ("remote", "vllm") and t.tokenizer is None
     needs = [

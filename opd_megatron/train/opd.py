@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from opd_megatron.config import ConfigError, RunConfig, validate_opd
+from opd_megatron.config import RunConfig, validate_opd
 from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups, init_distributed
@@ -90,11 +90,6 @@ class OPDTrainer(TrainingRun):
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups | None = None):
         validate_opd(cfg)
-        if cfg.train.max_tokens_per_microbatch and cfg.parallel.pp > 1:
-            raise ConfigError(
-                "train.max_tokens_per_microbatch",
-                "needs parallel.pipeline_model_parallel_size 1 (pipeline stages exchange fixed shapes)",
-            )
         super().__init__(cfg, groups or init_distributed(cfg.parallel, cfg.train.seed))
         cfg = self.cfg  # with Hugging Face checkpoints replaced by their converted copies
         self.lc, g = cfg.loss, self.groups
@@ -103,27 +98,34 @@ class OPDTrainer(TrainingRun):
         """Row -> prompt ids, under the student's chat template (the model's own, or a built-in one)."""
         self.train_rows, self.eval_rows = build_datasets(cfg.data)
         check_prompts(self.prompt_fn, self.train_rows, self.eval_rows, cfg)
-        vocab = self.tokenizer.vocab_size
         self.student = self.model = build_gpt_model(
-            cfg.model, g, vocab, seed=cfg.train.seed, recompute=self.tc.recompute
+            cfg.model, g, self.tokenizer.vocab_size, seed=cfg.train.seed, recompute=self.tc.recompute
         )
         if self.tc.init_checkpoint:
             load_model_weights(self.tc.init_checkpoint, self.student)
         # Before anything else holds the student: the distributed optimizer moves its parameters into
         # one contiguous buffer.
         self.optimizer = make_optimizer(self.student, self.tc, g)
+        self.setup_teachers()
+        self.setup_rollouts()
+        self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
+        self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
+        self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "all_empty": 0, "teacher_failures": 0}
+        """Skipped steps by reason (``empty_rollouts`` counts rollouts, the others steps)."""
+        self.consecutive_failures = 0
+
+    def setup_teachers(self) -> None:
+        """The teachers, the orchestrator that routes to them, and G-OPD's reference model."""
+        cfg, g, vocab = self.cfg, self.groups, self.tokenizer.vocab_size
         self.teachers = build_run_teachers(cfg, g, self.tokenizer, self.student, self.prompt_fn)
         self.teacher = self.teachers[default_teacher(cfg)]
         """The default teacher: the one of single-teacher features (mixed sampling, off-policy samples)."""
         pass_rates = None
         if len(self.teachers) > 1 and cfg.mopd.routing == "pass_rate" and not cfg.mopd.pass_rates:
             pass_rates = measure_pass_rates(
-                self.teachers,
-                self.eval_rows,
-                self.tokenizer,
-                cfg.rollout.max_new_tokens,
-                self.tc.eval_samples,
-            )
+                self.teachers, self.eval_rows, self.tokenizer, cfg.rollout.max_new_tokens, self.tc.eval_samples,
+                self.prompt_fn,
+            )  # fmt: skip
         self.orch = MOPDOrchestrator(
             self.teachers, cfg, g, vocab, self.tc.micro_batch_size, pass_rates, self.tokenizer
         )
@@ -132,8 +134,11 @@ class OPDTrainer(TrainingRun):
             ref = build_gpt_model(cfg.model, g, vocab, frozen=True)
             ref.load_state_dict(self.student.state_dict())
             self.reference = MegatronTeacher("reference", ref, g, self.tokenizer.pad_id)
-        self.scorer = MegatronTeacher("student", self.student, g, self.tokenizer.pad_id)
-        tok = self.tokenizer
+
+    def setup_rollouts(self) -> None:
+        """The student's sampler, the rollout source, the student as a scorer, and the objectives."""
+        cfg, g, tok = self.cfg, self.groups, self.tokenizer
+        self.scorer = MegatronTeacher("student", self.student, g, tok.pad_id)
         # Completions end at the template's end-of-turn token (EOS for the built-in templates). The
         # engine (rollout.engine) is the trainer's own model, or a vLLM copy refitted after every step.
         self.sampler = build_sampler(cfg, self.student, g, tok, eos_id=self.prompt_fn.end_ids[0])
@@ -146,11 +151,6 @@ class OPDTrainer(TrainingRun):
         self.objectives = Objectives(
             self.lc, g.tp_group_or_none, self.student.real_vocab_size, tok.decode, tis
         )
-        self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
-        self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
-        self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "all_empty": 0, "teacher_failures": 0}
-        """Skipped steps by reason (``empty_rollouts`` counts rollouts, the others steps)."""
-        self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ the skeleton's hooks
     def describe(self, start: int) -> str:
