@@ -279,7 +279,8 @@ def materialise(
         except ConversionError as e:
             raise ConfigError(where, str(e)) from None
     side = final / HF_SIDE_DIR
-    tok_file = side / Path(tok_cfg.path).name
+    # An HF tokenizer is its directory (it holds the chat template too); a SentencePiece model its file.
+    tok_file = side if Path(tok_cfg.path).is_dir() else side / Path(tok_cfg.path).name
     tokenizer = TokenizerConfig(
         kind=tok_cfg.kind, path=str(tok_file.resolve()), chat_template=tok_cfg.chat_template
     )

@@ -212,7 +212,7 @@ def _pair_through_registry(groups, student_ckpt, teacher):
     tcfg = TeacherConfig(name="wide", checkpoint=str(teacher.checkpoint))
     cfg = RunConfig(model=live_cfg(student_ckpt), tokenizer=teacher.tokenizer, teachers=[tcfg])
     cfg.parallel.tensor_model_parallel_size = groups.tp_size
-    t = build_teacher(0, tcfg, cfg, groups, load_tokenizer(cfg.tokenizer), prompt_fn=None)
+    t = build_teacher(0, tcfg, cfg, groups, load_tokenizer(cfg.tokenizer))
     return {
         "rows": (teacher.model.vocab_size, live_cfg(student_ckpt).vocab_size),
         "padded": (t.model.padded_vocab_size, student.padded_vocab_size),
