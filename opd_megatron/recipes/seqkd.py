@@ -22,8 +22,8 @@ from opd_megatron.models.gpt import output_weight
 from opd_megatron.rollout.sampler import MegatronSampler
 from opd_megatron.train.batch import MicroBatch, OPDBatch, opd_microbatch
 from opd_megatron.train.opd import OPDTrainer, student_hidden
-from opd_megatron.train.optim import lr_at, set_lr
-from opd_megatron.train.step import forward_backward, optimizer_step
+from opd_megatron.train.optim import lr_at
+from opd_megatron.train.step import forward_backward
 
 STUDENT_PASSES = {"opd": 4, "seqkd": 3}
 """Student forward-pass equivalents per training sequence and step: backward costs about two forwards,
@@ -87,10 +87,10 @@ class SeqKDTrainer(OPDTrainer):
         mb = opd_microbatch(batch, range(len(rows)), width, len(rows), self.tokenizer.pad_id, g.device)
         t_sample = time.monotonic() - t0
         lr = lr_at(step, self.tc)
-        set_lr(self.optimizer, lr)
+        self.optimizer.set_lr(lr)
         self.student.train()
         loss, _ = forward_backward(self.student, [mb], student_hidden, self.ce_loss, g, batch.tokens)
-        gnorm, skipped = optimizer_step(self.student, self.optimizer, g, loss, self.tc.grad_clip)
+        gnorm, skipped = self.optimizer.step(loss, self.tc.grad_clip)
         return {
             "loss": loss, "grad_norm": gnorm, "lr": lr, "skipped": skipped, "time_teacher_sample": t_sample,
             "time_update": time.monotonic() - t0 - t_sample, "tokens": batch.tokens,
