@@ -354,8 +354,10 @@ def trl_worker(conn, case: Case, work: str, threads: int, total_steps: int, eos_
         import torch
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+        from transformers.utils import logging as hf_logging
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
+        hf_logging.disable_progress_bar()
         work_p = Path(work)
         tok = PreTrainedTokenizerFast(
             tokenizer_file=str(work_p / "tokenizer" / "tokenizer.json"), eos_token=EOS, pad_token=PAD
@@ -617,7 +619,14 @@ def report(results: list[dict]) -> str:
                 f"{_fmt(s['tokens_per_step'], '.0f')} | {_fmt(s['wall_s'], '.3f')} | {_fmt(s['cpu_s'], '.3f')} | "
                 f"{_fmt(s['rollout_s'], '.3f')} | {_fmt(s['teacher_s'], '.3f')} | {_fmt(s['rest_s'], '.3f')} |"
             )
+        phases = ", ".join(
+            f"{k} {res['trl'][k + '_s']['median'] / max(res['ours'][k + '_s']['median'], 1e-9):.2f}x"
+            for k in ("rollout", "teacher", "rest")
+            if res["trl"][k + "_s"]["median"] > 0
+        )
         lines += [
+            "",
+            f"TRL / ours time per phase (medians; rest = loss+update): {phases or 'none timed'}",
             "",
             f"ours / TRL tokens/s: rounds {_fmt(res['ratio_round'])}, medians of steps "
             f"{res['ratio_of_step_medians']:.2f}; by CPU time: rounds {_fmt(res['ratio_cpu_round'])}",
