@@ -1,7 +1,7 @@
 """One OPD training step, end to end: this project's ``OPDTrainer`` against TRL's ``GKDTrainer``.
 
     python tools/bench/bench_opd_step.py [--cases compute,small,small_offpolicy] [--rounds 3] \\
-        [--warmup 2] [--steps 5] [--threads 2] [--out bench_results/opd_step.json]
+        [--warmup 2] [--steps 5] [--threads 2] [--out bench_results/opd_step.json] [--markdown FILE]
 
 What runs. Each case is one model size and one GKD lambda:
 
@@ -645,6 +645,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side per round")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of each side")
     parser.add_argument("--out", default="bench_results/opd_step.json")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args()
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -670,6 +671,8 @@ def main() -> None:
     }
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
 
 
 if __name__ == "__main__":  # spawned workers and dist_checkpointing re-import this module: keep the guard
