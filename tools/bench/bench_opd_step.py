@@ -221,7 +221,7 @@ def ours_worker(conn, case: Case, work: str, threads: int, total_steps: int) -> 
         max_len = case.prompt_tokens[1] + case.new_tokens + 16
         tok_cfg = TokenizerConfig(kind="hf", path=str(work_p / "tokenizer"))
         groups = init_distributed(ParallelConfig(), SEED)
-        params = {}
+        params, ckpts = {}, {}
         for which, seed in (("teacher", 1), ("student", 2)):
             mcfg = model_config(case, which, max_len)
             model = build_gpt_model(mcfg, groups, case.vocab, seed=seed)
@@ -235,12 +235,13 @@ def ours_worker(conn, case: Case, work: str, threads: int, total_steps: int) -> 
                 tokenizer=tok,
             )
             export_hf_checkpoint(ckpt, work_p / f"hf_{which}", groups)
+            ckpts[which] = str(ckpt)
             del model
         cfg = RunConfig(
             name=f"bench_{case.name}",
             model=model_config(case, "student", max_len),
             tokenizer=tok_cfg,
-            teachers=[TeacherConfig(name="teacher", checkpoint=str(work_p / "teacher"))],
+            teachers=[TeacherConfig(name="teacher", checkpoint=ckpts["teacher"])],
             loss=LossConfig(divergence="jsd", jsd_beta=JSD_BETA, on_policy_lambda=case.on_policy_lambda),
             rollout=RolloutConfig(max_new_tokens=case.new_tokens, temperature=TEMPERATURE),
             train=TrainConfig(
@@ -257,7 +258,7 @@ def ours_worker(conn, case: Case, work: str, threads: int, total_steps: int) -> 
                 seed=SEED,
                 eval_every=0,
                 output_dir=str(work_p / "run"),
-                init_checkpoint=str(work_p / "student" / "step_0000000"),
+                init_checkpoint=ckpts["student"],
                 progress=False,
             ),
             data=DataConfig(domains=[], train_path=str(work_p / "train.jsonl"), seed=0),
