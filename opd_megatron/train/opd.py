@@ -321,6 +321,7 @@ class OPDTrainer(TrainingRun):
             **rec,
             **{"lambda": batch.lam},
             rollout_len=batch.tokens / len(batch.comps),
+            generated_tokens=gen,
             padding_fraction=padding_fraction(mbs),
             rollout_tokens_per_s=gen / t_roll if t_roll > 0 and gen else 0.0,
             train_tokens_per_s=global_tokens / (rec["time_score"] + rec["time_update"]),
