@@ -67,6 +67,7 @@ from opd_megatron.models.hf_safetensors import (
     PlannedTensor,
     copy_files,
     parse_size,
+    replace_dir,
     write_sharded,
 )
 
@@ -677,14 +678,7 @@ def _prepare_output(out: Path, staging: Path, overwrite: bool) -> None:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    replace_dir(staging, out)
 
 
 def hf_tokenizer_vocab_size(hf_dir: str | os.PathLike) -> int | None:

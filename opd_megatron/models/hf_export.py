@@ -41,6 +41,7 @@ from opd_megatron.models.hf_safetensors import (
     ConversionError,
     PlannedTensor,
     copy_files,
+    replace_dir,
     write_shard,
 )
 
@@ -215,14 +216,7 @@ def export_hf(
                 if hf_cfg.get(k) is not None
             }
             (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
+        replace_dir(staging, out)
     if dist.is_initialized():
         dist.barrier()
     return out

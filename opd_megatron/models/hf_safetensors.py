@@ -238,3 +238,19 @@ def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def replace_dir(staging: Path, out: Path) -> None:
+    """Put the finished directory ``staging`` at ``out``, replacing what is there: the old one is moved
+    aside first and removed only after the rename, so ``out`` is never half-written."""
+    import os
+    import shutil
+
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out)
