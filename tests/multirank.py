@@ -60,7 +60,19 @@ def _child(fn, rank, world_size, port, args, queue):
 def run_ranks(
     fn: Callable[..., Any], world_size: int = 2, timeout: float = 240, args: tuple = ()
 ) -> list[Any]:
-    """Run ``fn(rank, *args)`` on ``world_size`` processes; return the per-rank results in rank order."""
+    """Run ``fn(rank, *args)`` on ``world_size`` processes; return the per-rank results in rank order.
+
+    The rendezvous port is picked free and bound later by rank 0, so another process can take it in
+    between; that one failure (and only it) is retried on a fresh port."""
+    try:
+        return _run_once(fn, world_size, timeout, args)
+    except RuntimeError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        return _run_once(fn, world_size, timeout, args)
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, timeout: float, args: tuple) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()

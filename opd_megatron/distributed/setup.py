@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +66,6 @@ class ParallelGroups:
         return dist.get_rank() == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGroups:
     """Initialise torch.distributed (from torchrun's env, or a single local process) and Megatron's
     model-parallel groups. Safe to call again in the same process with the same sizes."""
@@ -82,13 +75,18 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
     if backend == "nccl" and not cuda:
         raise ConfigError("parallel.backend", "nccl needs CUDA; use gloo (or auto) on a CPU machine")
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=parallel.timeout_s)
         if "RANK" not in os.environ:  # single process without torchrun
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
+            if cuda:
+                torch.cuda.set_device(0)
+            # An in-memory store: a TCP rendezvous would pick a free port and bind it later, and another
+            # process can take the port in between (EADDRINUSE on a busy machine).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, timeout=timeout)
     world = dist.get_world_size()
     tp, pp, ep = parallel.tp, parallel.pp, parallel.expert_model_parallel_size
     if world % (tp * pp) != 0:

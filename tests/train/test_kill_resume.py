@@ -18,7 +18,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS = 12
+STEPS = 16
 
 
 def _args(out: Path) -> list[str]:
@@ -50,23 +50,43 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
+def _last_step(metrics: Path) -> int:
+    """The highest train step logged so far (a line being written may be partial)."""
+    last = 0
+    with contextlib.suppress(OSError):
+        for line in metrics.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if record.get("kind") == "train":
+                    last = max(last, record["step"])
+    return last
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_ten_kills_during_saves_lose_nothing_and_leave_nothing(tmp_path):
     marker = f"OPD_KILL_TEST={uuid.uuid4().hex}"
+    start = time.monotonic()
     straight = subprocess.run(
         _args(tmp_path / "straight"), cwd=REPO, env=_env(marker), capture_output=True, timeout=300
     )
     assert straight.returncode == 0, straight.stderr[-2000:]
+    # Kill times scale with this machine's speed: a fixed delay misses a fast machine's whole run.
+    per_step_s = (time.monotonic() - start) / STEPS
     out, rng, kills = tmp_path / "killed", random.Random(11), 0
     while kills < 10:
+        before = _last_step(out / "metrics.jsonl")
         proc = subprocess.Popen(
             _args(out), cwd=REPO, env=_env(marker), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        # A save every step: kill at a random moment of the training, most of which is saving.
-        deadline = time.monotonic() + rng.uniform(4.0, 9.0)
+        if kills % 4 == 3:  # now and then during start-up and checkpoint restore
+            deadline = time.monotonic() + rng.uniform(0.5, 3.0)
+        else:  # otherwise once this run has made progress, at a random moment of a step (mostly saving)
+            deadline = float("inf")
         while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            if deadline == float("inf") and _last_step(out / "metrics.jsonl") > before:
+                deadline = time.monotonic() + rng.uniform(0.0, per_step_s / 2)
+            time.sleep(0.02)
         if proc.poll() is not None:
             break  # finished before the kill
         os.kill(proc.pid, signal.SIGKILL)
