@@ -471,9 +471,13 @@ class RolloutConfig:
     vllm_max_num_seqs: int = 64
     """``engine: vllm``: most sequences the engine decodes together."""
     vllm_placement: Literal["colocated", "separate"] = "colocated"
-    """``engine: vllm``: on CPU the engine always runs on rank 0 of each data-parallel replica
-    (``colocated``). On GPU (not verified here): ``colocated`` shares the trainer's GPUs, the engine
-    sleeping during the update; ``separate`` runs it on its own GPUs."""
+    """``engine: vllm``: ``colocated``: the engine runs with rank 0 of each data-parallel replica, on its
+    device (the only choice on CPU; on GPU the engine sleeps while the trainer works and is refitted
+    through CUDA IPC). ``separate`` (GPU only): each replica's engine on a GPU of its own
+    (``vllm_devices``), refitted over NCCL. The GPU paths are not verified by a GPU run here."""
+    vllm_devices: list[int] = field(default_factory=list)
+    """``vllm_placement: separate``: physical GPU index of each data-parallel replica's engine (one per
+    replica, none of them a trainer's GPU)."""
     tis: Literal["auto", "on", "off"] = "auto"
     """Truncated importance sampling against the rollout/trainer mismatch: ``auto`` is on for the
     sampled-token objectives and off for the full-distribution ``divergence`` (where it does not apply)."""
@@ -487,6 +491,16 @@ class RolloutConfig:
             self.vllm_max_num_seqs >= 1, "vllm_max_num_seqs", f"must be >= 1, got {self.vllm_max_num_seqs}"
         )
         _check(self.tis_cap >= 1.0, "tis_cap", f"must be >= 1, got {self.tis_cap}")
+        _check(
+            all(isinstance(d, int) and d >= 0 for d in self.vllm_devices),
+            "vllm_devices",
+            f"must be GPU indices (integers >= 0), got {self.vllm_devices}",
+        )
+        _check(
+            self.vllm_placement != "separate" or self.vllm_devices,
+            "vllm_devices",
+            "vllm_placement=separate needs the GPU of each data-parallel replica's engine",
+        )
         _check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")

@@ -40,6 +40,8 @@ def build_sampler(
         kv_cache_bytes=int(rc.vllm_kv_cache_mb * 2**20),
         max_batch_size=rc.vllm_max_num_seqs,
         seed=cfg.train.seed,
+        placement=rc.vllm_placement,
+        devices=rc.vllm_devices,
         **kwargs,
     )
 

@@ -26,9 +26,11 @@ Stop strings: the tokenizer is not loaded into vLLM (token-id prompts; the built
 has no HF files), so a completion is cut after the token whose decoded text first contains a stop
 string (the Megatron sampler's rule) once generation is done; the tokens after it are dropped.
 
-Not built here: the GPU refit through vLLM's RL weight-transfer API (``vllm.entrypoints.rl``:
-``init_weight_transfer_engine``, ``start_weight_update`` / ``update_weights`` / ``finish_weight_update``
-over NCCL). Those backends are CUDA-only; on CPU the worker's ``reload_weights`` is the refit path.
+On GPU (unverified: no GPU has run it here) the refit goes through vLLM's RL weight-transfer API instead
+of ``reload_weights`` (:mod:`~opd_megatron.rollout.vllm_transfer`): NCCL to an engine on its own GPU
+(``placement="separate"``), CUDA IPC to an engine sharing the trainer's GPU (``colocated``), which sleeps
+between generating and the next refit. Those backends are CUDA-only; on CPU the worker's
+``reload_weights`` is the refit path.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from opd_megatron.rollout.vllm_host import (
     RefitError,
     VLLMSettings,
     start_engine_host,
+    transfer_backend,
 )
 
 __all__ = ["EngineStartError", "RefitError", "RefitStats", "VLLMEngine", "check_state"]
@@ -132,6 +135,9 @@ class VLLMEngine:
         block_size: KV-cache block size in tokens (prefix caching reuses whole blocks); vLLM's default
             when ``None``.
         in_process: where the engine runs (see :func:`~opd_megatron.rollout.vllm_host.start_engine_host`).
+        placement: ``colocated`` (the engine shares this rank's device) or ``separate`` (GPU only: the
+            engine of data-parallel replica ``r`` runs on physical GPU ``devices[r]``).
+        devices: for ``separate``, one GPU per data-parallel replica.
     """
 
     def __init__(
@@ -150,8 +156,28 @@ class VLLMEngine:
         block_size: int | None = None,
         in_process: bool | None = None,
         setting_prefix: str = "rollout.vllm_",
+        placement: str = "colocated",
+        devices: list[int] | None = None,
     ):
         self.cfg, self.groups = cfg, groups
+        cuda = groups.device.type == "cuda"
+        if placement == "separate" and not cuda:
+            raise EngineStartError(
+                f"{setting_prefix}placement=separate puts the engine on GPUs of its own; this run has "
+                "no GPU (use colocated: the engine runs on rank 0 of each data-parallel replica)"
+            )
+        device = None
+        if placement == "separate":
+            devices = list(devices or [])
+            if len(devices) < groups.dp_size:
+                raise EngineStartError(
+                    f"{setting_prefix}devices={devices} names {len(devices)} GPU(s); placement=separate "
+                    f"needs one per data-parallel replica ({groups.dp_size})"
+                )
+            device = devices[groups.dp_rank]
+        self.backend = transfer_backend(placement, cuda)
+        self.transfer = None
+        self.asleep = False
         self.eos_id, self.pad_id, self.tokenizer = eos_id, pad_id, tokenizer
         self.vocab_size = model.real_vocab_size
         self.max_sequence_length = max_sequence_length or model.max_sequence_length
@@ -169,6 +195,9 @@ class VLLMEngine:
             seed=seed,
             block_size=block_size,
             setting_prefix=setting_prefix,
+            weight_transfer=self.backend,
+            sleep_mode=self.backend == "ipc",
+            cuda_device=device,
         )
         t0 = time.perf_counter()
         error = None
@@ -194,7 +223,27 @@ class VLLMEngine:
         if self.host is None:
             raise RuntimeError("load_state runs on the engine rank (TP rank 0 of pipeline stage 0)")
         check_state(state, self.expected)
-        return self.host.call("load", state, reset_prefix_cache)
+        self._wake()
+        if self.backend is None:
+            return self.host.call("load", state, reset_prefix_cache)
+        t0 = time.perf_counter()
+        if self.transfer is None:
+            from opd_megatron.rollout.vllm_transfer import WeightTransfer
+
+            self.transfer = WeightTransfer(self.host, self.backend)
+        self.transfer.send(state)  # resets the prefix cache
+        return time.perf_counter() - t0
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.host.call("wake_up")
+            self.asleep = False
+
+    def _sleep(self) -> None:
+        """A colocated GPU engine gives the trainer its memory back until the next refit or generate."""
+        if self.backend == "ipc" and not self.asleep:
+            self.host.call("sleep")
+            self.asleep = True
 
     def refit(self, model, groups: ParallelGroups | None = None) -> RefitStats:
         """Stream ``model``'s current weights into the engine (collective; see the module docstring)."""
@@ -269,12 +318,14 @@ class VLLMEngine:
         self._check_request(prompts, params)
         answer = None
         if self.host is not None:
+            self._wake()
             outs = self.host.call(
                 "generate",
                 [list(map(int, p)) for p in prompts],
                 self._request(params),
                 self._seeds(len(prompts), params),
             )
+            self._sleep()
             completions, logprobs, reasons = [], [], []
             for ids, lps, finish, stop_reason in outs:
                 reason = "eos" if (finish == "stop" and stop_reason == self.eos_id) else "length"
@@ -297,6 +348,9 @@ class VLLMEngine:
         """Stop the engine and remove its temporary directory. At the end of a run only: an in-process
         engine's shutdown also ends this process's ``torch.distributed`` (see ``vllm_host``)."""
         if self.host is not None:
+            if self.transfer is not None:
+                self.transfer.close()
+                self.transfer = None
             self.host.close()
             shutil.rmtree(self.host.workdir, ignore_errors=True)
             self.host = None

@@ -36,6 +36,7 @@ __all__ = [
     "RefitError",
     "VLLMSettings",
     "start_engine_host",
+    "transfer_backend",
     "vllm_import_error",
 ]
 
@@ -75,10 +76,26 @@ class VLLMSettings:
     """KV-cache block size in tokens (a multiple of 32 on CPU); ``None`` keeps vLLM's default."""
     setting_prefix: str = "rollout.vllm_"
     """How error messages name these settings (``rollout.vllm_`` or ``teachers[i].vllm_``)."""
+    weight_transfer: str | None = None
+    """GPU only: the vLLM weight-transfer backend refits go through (``nccl`` / ``ipc``; see
+    :mod:`~opd_megatron.rollout.vllm_transfer`); ``None``: the worker's ``reload_weights``."""
+    sleep_mode: bool = False
+    """GPU only: the engine can sleep (offload its weights, free its KV cache) while the trainer runs."""
+    cuda_device: int | None = None
+    """GPU only: the device the engine runs on, in a helper process of its own (``separate``)."""
 
     @property
     def kv_setting(self) -> str:
         return f"{self.setting_prefix}kv_cache_mb"
+
+
+def transfer_backend(placement: str, cuda: bool) -> str | None:
+    """The vLLM weight-transfer backend for ``rollout.vllm_placement`` (``None``: the CPU reload path).
+    ``separate`` (the engine on its own GPU): ``nccl``; ``colocated`` on a GPU: ``ipc``, because NCCL
+    cannot pair two ranks on one device."""
+    if not cuda:
+        return None
+    return "nccl" if placement == "separate" else "ipc"
 
 
 def _set_engine_env(workdir: str) -> None:
@@ -130,7 +147,11 @@ class _EngineCore:
             )
         from vllm import LLM
 
-        kwargs = {"block_size": settings.block_size} if settings.block_size else {}
+        kwargs: dict = {"block_size": settings.block_size} if settings.block_size else {}
+        if settings.weight_transfer:
+            kwargs["weight_transfer_config"] = {"backend": settings.weight_transfer}
+        if settings.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         try:
             self.llm = LLM(
                 model=str(hf_dir),
@@ -174,6 +195,26 @@ class _EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+    # -- GPU weight transfer (vllm.entrypoints.rl; see rollout.vllm_transfer) --------------------
+    def transfer_init(self, init_info: dict) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def transfer_start(self) -> None:
+        self.llm.start_weight_update()
+
+    def transfer_update(self, update_info) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def transfer_finish(self) -> None:
+        self.llm.finish_weight_update()
+
+    def sleep(self) -> None:
+        """Offload the weights to host memory and free the KV cache (``enable_sleep_mode`` engines)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def memory(self) -> dict[str, int]:
         import psutil
@@ -282,15 +323,20 @@ class _ProcessHost:
         # The helper must not inherit this rank's torchrun identity: vLLM would join our world.
         saved = {
             k: os.environ.pop(k)
-            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
             if k in os.environ
         }
+        if settings.cuda_device is not None:  # an engine on its own GPU (spawned children read this)
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(settings.cuda_device)
+        elif "CUDA_VISIBLE_DEVICES" in saved:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved["CUDA_VISIBLE_DEVICES"]
         try:
             self.proc = ctx.Process(
                 target=_serve, args=(child, model, asdict(settings), workdir), daemon=True
             )
             self.proc.start()
         finally:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             os.environ.update(saved)
         child.close()
         self._answer()
@@ -331,7 +377,9 @@ def start_engine_host(model, settings: VLLMSettings, in_process: bool | None = N
 
     if settings.kv_cache_bytes <= 0:
         raise EngineStartError(f"{settings.kv_setting} must be > 0")
-    if in_process is None:
+    if settings.cuda_device is not None:
+        in_process = False  # its own device: only a helper process can see just that one
+    elif in_process is None:
         in_process = not dist.is_initialized() or dist.get_world_size() == 1
     workdir = tempfile.mkdtemp(prefix="opd_vllm_")
     try:
