@@ -77,7 +77,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234) -> ParallelGrou
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=parallel.timeout_s)
         if "RANK" not in os.environ:  # single process without torchrun
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            # Nothing goes into the environment: a process this one starts (a CLI run, a helper) must
+            # not mistake itself for a rank of this world.
             if cuda:
                 torch.cuda.set_device(0)
             # An in-memory store: a TCP rendezvous would pick a free port and bind it later, and another

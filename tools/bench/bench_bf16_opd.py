@@ -1,6 +1,11 @@
 """bf16 student (fp32 main parameters, Megatron optimizer) vs fp32 student: held-out reverse KL after OPD.
 
     python tools/bench/bench_bf16_opd.py [--steps 60] --root runs/bench_bf16
+    python tools/bench/bench_bf16_opd.py --demo [--seeds 2] --root runs/specialise_then_unify
+
+``--demo``: the main job's models instead: its stage-1 experts and student warm start (trained now unless
+``--root`` already holds them, as ``make demo`` leaves them), then its routed MOPD run (the demo's
+configuration and step count unless ``--steps``) with an fp32 and a bf16 student, for each seed.
 
 Trains a small reversal-domain teacher (SFT) and a student warm start once, then runs the same OPD job
 (same seeds, same data, same teacher in fp32) twice: fp32 student with the torch optimizer, and bf16
@@ -49,11 +54,61 @@ def _configs(root: Path, steps: int):
     return teacher, student, TeacherConfig
 
 
+def _demo(root: Path, steps: int | None, seeds: int) -> dict:
+    """The main job's routed MOPD run, fp32 and bf16 students, on its own stage-1 models."""
+    from opd_megatron.recipes import mopd_demo as demo
+    from opd_megatron.train.opd import run_opd
+
+    runs = []
+    for seed in range(seeds):
+        sub = str(root if seed == 0 else root / f"seed{seed}")  # where the demo keeps each seed
+        ckpts = {
+            label: str(demo.cached_sft(cfg))
+            for label, cfg in demo.stage1_configs(sub, demo.DEMO, seed).items()
+        }
+        experts = demo.expert_teachers({d: ckpts[f"{d}-expert"] for d in demo.DOMAINS})
+        base = demo.mopd_config(
+            sub, experts, ckpts["student before"], budget=demo.DEMO, seed=seed, steps=steps
+        )
+        row = {"seed": seed}
+        for name, dtype, impl in (("fp32", "fp32", "torch"), ("bf16", "bf16", "megatron")):
+            cfg = replace(
+                base,
+                model=replace(base.model, params_dtype=dtype),
+                train=replace(base.train, output_dir=str(root / "bench_bf16" / f"seed{seed}_{name}"),
+                              optimizer_impl=impl, progress=False),
+            )  # fmt: skip
+            r = run_opd(cfg)
+            row[name] = {"kl_before": r.kl_before, "kl_after": r.kl_after, "skipped": r.skipped_steps}
+            print(f"seed {seed}", name, row[name], flush=True)
+        row["relative_gap"] = row["bf16"]["kl_after"] / row["fp32"]["kl_after"] - 1.0
+        print(
+            f"seed {seed}: bf16 final held-out reverse KL vs fp32: {100 * row['relative_gap']:+.1f}%",
+            flush=True,
+        )
+        runs.append(row)
+    mean = {k: sum(r[k]["kl_after"] for r in runs) / len(runs) for k in ("fp32", "bf16")}
+    gap = mean["bf16"] / mean["fp32"] - 1.0
+    print(
+        f"mean over {len(runs)} seed(s): fp32 {mean['fp32']:.4f}, bf16 {mean['bf16']:.4f}, gap {100 * gap:+.1f}%"
+    )
+    return {"runs": runs, "mean_kl_after": mean, "relative_gap_of_means": gap}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--root", type=Path, default=Path("runs/bench_bf16"))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--root", type=Path, default=None)
+    ap.add_argument("--demo", action="store_true", help="the main job's models and MOPD run")
+    ap.add_argument("--seeds", type=int, default=1, help="--demo: seeds (each has its own stage 1)")
     args = ap.parse_args()
+    if args.demo:
+        root = args.root or Path("runs/specialise_then_unify")
+        out = _demo(root, args.steps, args.seeds)
+        (root / "bench_bf16" / "bf16_vs_fp32.json").write_text(json.dumps(out, indent=2))
+        return
+    args.steps = args.steps or 60
+    args.root = args.root or Path("runs/bench_bf16")
     from opd_megatron.models.checkpoint import latest_checkpoint
     from opd_megatron.train.opd import run_opd
     from opd_megatron.train.sft import run_sft
