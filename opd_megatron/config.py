@@ -564,6 +564,10 @@ class TrainConfig:
     max_tokens_per_microbatch: int = 0
     """OPD: build micro-batches by a token budget (rows x padded width) from rollouts grouped by length,
     instead of ``micro_batch_size`` rows padded to the step's longest rollout (0: off)."""
+    pack_sequences: bool = False
+    """OPD: run the student's decoder on packed rows (THD: each micro-batch's rollouts end to end, no
+    padding computed; ``opd_megatron.models.packing``); the loss is exactly the padded one's. Pipeline
+    parallelism 1 and no sequence parallelism."""
 
     def __post_init__(self):
         _check_literals(self)
@@ -848,6 +852,14 @@ def validate_opd(cfg: RunConfig) -> None:  # noqa: C901
         "train.max_tokens_per_microbatch",
         "needs parallel.pipeline_model_parallel_size 1 (pipeline stages exchange fixed shapes)",
     )
+    for field_name, bad in (
+        ("pipeline_model_parallel_size 1 (stages exchange fixed shapes)", cfg.parallel.pp > 1),
+        (
+            "parallel.sequence_parallel false (a packed row is not split over TP ranks)",
+            cfg.parallel.sequence_parallel,
+        ),
+    ):
+        _check(not (cfg.train.pack_sequences and bad), "train.pack_sequences", f"needs {field_name}")
     lc, t = cfg.loss, cfg.teachers[0]
     single_dense = len(cfg.teachers) == 1 and t.placement not in ("remote", "vllm") and t.tokenizer is None
     needs = [

@@ -18,7 +18,8 @@ class SDPACoreAttention(MegatronModule):
     Inputs follow Megatron's layout: query ``[sq, b, heads, d]``, key/value ``[sk, b, groups, d]``
     (``sk >= sq`` when decoding against a KV cache). ``attention_mask``, when given, is Megatron's
     boolean mask ``[b or 1, 1, sq or 1, sk]`` with True meaning "do not attend"; it is combined with the
-    causal mask.
+    causal mask. Packed sequences (``packed_seq_params.qkv_format == "thd"``): query ``[T, heads, d]``,
+    key/value ``[T, groups, d]``, rows delimited by ``cu_seqlens``; each row attends causally to itself.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **kwargs):
@@ -37,7 +38,7 @@ class SDPACoreAttention(MegatronModule):
         packed_seq_params=None,
     ):
         if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences need the Transformer Engine attention spec")
+            return self._packed(query, key, value, packed_seq_params)
         q_BHSD, k_BHSD, v_BHSD = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         heads, groups = q_BHSD.shape[1], k_BHSD.shape[1]
         sq, sk = q_BHSD.shape[2], k_BHSD.shape[2]
@@ -69,3 +70,24 @@ class SDPACoreAttention(MegatronModule):
             )
         # [b, h, sq, d] -> [sq, b, h*d], the layout Megatron's output projection expects.
         return out_BHSD.permute(2, 0, 1, 3).reshape(sq, out_BHSD.shape[0], -1)
+
+    def _packed(self, query_THD, key_TGD, value_TGD, params) -> torch.Tensor:
+        """THD: one causal attention per packed row (``cu_seqlens_q`` boundaries); ``[T, heads * d]``."""
+        if params.qkv_format != "thd":
+            raise NotImplementedError(
+                f"packed sequences in {params.qkv_format!r} format; only 'thd' is supported"
+            )
+        cu_q, cu_kv = params.cu_seqlens_q.tolist(), params.cu_seqlens_kv.tolist()
+        if cu_q != cu_kv:
+            raise NotImplementedError("packed self-attention needs equal query and key boundaries")
+        heads, groups = query_THD.shape[1], key_TGD.shape[1]
+        gqa = {"enable_gqa": True} if groups != heads else {}
+        dropout = self.dropout_p if self.training else 0.0
+        outs = []
+        for a, b in zip(cu_q[:-1], cu_q[1:]):
+            q, k, v = (x[a:b].transpose(0, 1)[None] for x in (query_THD, key_TGD, value_TGD))  # [1, h, n, d]
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale, **gqa
+            )
+            outs.append(o[0].transpose(0, 1))  # [n, h, d]
+        return torch.cat(outs).reshape(query_THD.shape[0], -1)

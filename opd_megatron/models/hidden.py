@@ -16,13 +16,19 @@ def decoder_hidden_states(
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     inference_context=None,
+    packed_seq_params=None,
 ) -> torch.Tensor:
     """This stage's decoder output ``[s, b, h]``; on the last stage it is final-normed, ready for the
     output layer. Non-first stages read their input from ``model.set_input_tensor``. With an
     ``inference_context`` (e.g. Megatron-core's ``StaticInferenceContext``, model in eval mode) the
-    attention layers append to and read from its KV cache; the caller advances its offsets."""
+    attention layers append to and read from its KV cache; the caller advances its offsets. With
+    ``packed_seq_params`` (THD, see :mod:`~opd_megatron.models.packing`) the input is one packed row
+    ``[1, T]`` and the output ``[T, 1, h]``."""
     pre = model._preprocess(
-        input_ids=input_ids, position_ids=position_ids, inference_context=inference_context
+        input_ids=input_ids,
+        position_ids=position_ids,
+        inference_context=inference_context,
+        packed_seq_params=packed_seq_params,
     )
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset = pre[:5]
     return model.decoder(
@@ -33,4 +39,5 @@ def decoder_hidden_states(
         rotary_pos_cos=rotary_pos_cos,
         rotary_pos_sin=rotary_pos_sin,
         sequence_len_offset=sequence_len_offset,
+        packed_seq_params=packed_seq_params,
     )

@@ -31,6 +31,7 @@ from opd_megatron.losses import gather_logprobs
 from opd_megatron.models.checkpoint import load_model_weights
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
 from opd_megatron.models.hidden import decoder_hidden_states
+from opd_megatron.models.packing import pack_rows, unpack_hidden
 from opd_megatron.mopd import MOPDOrchestrator, StepAborted
 from opd_megatron.mopd.orchestrator import Group
 from opd_megatron.mopd.registry import default_teacher
@@ -78,6 +79,17 @@ class OPDResult:
 def student_hidden(model, mb: MicroBatch):
     pos_BS = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
     return decoder_hidden_states(model, mb.tokens, pos_BS)
+
+
+def packed_student_hidden(model, mb: MicroBatch):
+    """:func:`student_hidden` computed on the micro-batch's rows packed end to end (THD), returned on
+    the padded grid: the same values at every real token, zeros at padding."""
+    lengths = [len(p) + len(c) for p, c in zip(mb.prompts, mb.comps)]
+    packed = pack_rows(mb.tokens, lengths + [0] * (mb.tokens.shape[0] - len(lengths)))
+    hidden_T1H = decoder_hidden_states(
+        model, packed.tokens_1T, packed.position_ids_1T, packed_seq_params=packed.params
+    )
+    return unpack_hidden(hidden_T1H, packed)
 
 
 MISMATCH_KEYS = ("logprob_diff_mean_abs", "logprob_diff_max_abs", "logprob_diff_mean", "kl_behaviour_trainer")
@@ -261,9 +273,8 @@ class OPDTrainer(TrainingRun):
         self.optimizer.set_lr(lr)
         t2 = time.monotonic()
         self.student.train()
-        loss, m = forward_backward(
-            self.student, mbs, student_hidden, self.loss, g, global_tokens, METRIC_KEYS
-        )
+        forward = packed_student_hidden if self.tc.pack_sequences else student_hidden
+        loss, m = forward_backward(self.student, mbs, forward, self.loss, g, global_tokens, METRIC_KEYS)
         gnorm, skipped = self.optimizer.step(loss, self.tc.grad_clip)
         engine = {}
         if skipped:
@@ -323,6 +334,8 @@ class OPDTrainer(TrainingRun):
             rollout_len=batch.tokens / len(batch.comps),
             generated_tokens=gen,
             padding_fraction=padding_fraction(mbs),
+            # With packed sequences the student's decoder computes none of that padding.
+            decoder_padding_fraction=0.0 if self.tc.pack_sequences else padding_fraction(mbs),
             rollout_tokens_per_s=gen / t_roll if t_roll > 0 and gen else 0.0,
             train_tokens_per_s=global_tokens / (rec["time_score"] + rec["time_update"]),
         )

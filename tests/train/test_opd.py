@@ -300,3 +300,29 @@ def test_a_teacher_that_stays_non_finite_stops_the_run_naming_it(tmp_path, teach
     assert "'expert'" in err and "3 consecutive steps" in err
     assert len(recs) == 2 and all(r["skipped"] and r["teacher"] == "expert" for r in recs)
     assert unchanged and skipped["nonfinite"] == 3
+
+
+def _packed_vs_padded(rank, root, ckpts):
+    from opd_megatron.train.opd import run_opd
+
+    teacher, warm = ckpts
+    out = {}
+    for pack in (False, True):
+        d = f"{root}/pack_{pack}"
+        run_opd(_student_cfg(d, teacher, steps=1, eval_samples=4, init_checkpoint=warm, pack_sequences=pack))
+        out[pack] = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+def test_packed_sequences_give_the_padded_step(tmp_path, teacher_ckpt):
+    """THD packing changes what the decoder computes (no padding), not the step: the first step's loss
+    and gradient norm equal the padded run's (same rollouts, same weights)."""
+    out = run_ranks(_packed_vs_padded, 1, timeout=400, args=(str(tmp_path), teacher_ckpt))[0]
+    padded, packed = ([r for r in out[k] if r["kind"] == "train"][0] for k in (False, True))
+    assert padded["padding_fraction"] > 0.1  # there was padding to leave out
+    assert (padded["decoder_padding_fraction"], packed["decoder_padding_fraction"]) == (
+        padded["padding_fraction"],
+        0.0,
+    )
+    for key in ("loss", "grad_norm"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6), key
