@@ -107,6 +107,7 @@ def loss_kwargs(cfg) -> dict:
         temperature=cfg.temperature,
         scale_by_t2=cfg.scale_by_t2,
         chunk_size=cfg.chunk_size,
+        compile=cfg.compile,
     )
 
 

@@ -67,3 +67,11 @@ def test_compiled_gradient_precision_at_large_tied_logits(name, kw):
     for got, want, what in ((gh, ref[1], "grad hidden"), (gw, ref[2], "grad weight")):
         err = (got.double() - want).abs().max() / want.abs().max()
         assert err <= 1e-6, f"{what}: relative error {err:.2e}"
+
+
+def test_loss_config_turns_compilation_on():
+    from opd_megatron.config import LossConfig
+    from opd_megatron.losses import loss_kwargs
+
+    assert loss_kwargs(LossConfig())["compile"] is False
+    assert loss_kwargs(LossConfig(compile=True))["compile"] is True
