@@ -367,7 +367,10 @@ class TeacherHTTPServer(ThreadingHTTPServer):
         exc = sys.exc_info()[1]
         if isinstance(exc, ConnectionError | TimeoutError):
             host, port = client_address[:2]
-            print(f"client {host}:{port} went away ({type(exc).__name__})", file=sys.stderr, flush=True)
+            # One write per line: handler threads log concurrently, and print() writes the text and
+            # the newline separately, so two lines could interleave.
+            sys.stderr.write(f"client {host}:{port} went away ({type(exc).__name__})\n")
+            sys.stderr.flush()
             return
         super().handle_error(request, client_address)
 
