@@ -383,9 +383,6 @@ class LossConfig:
     """Multiply the loss by T^2 (Hinton) so gradient size does not shrink with T."""
     chunk_size: int = 1024
     """Tokens per chunk in the fused vocab-parallel loss."""
-    compile: bool = False
-    """Fused loss: run each row block's softmax, divergence and gradient work as one ``torch.compile``-d
-    function (TP=1 only; ignored under TP). Compiles at the first step (seconds per block shape)."""
     objective: str = "divergence"
     """One of :data:`OBJECTIVES`: ``divergence``, the full-vocab fused divergence; ``opsd``, the same
     with a per-token clip; or a sampled-token objective (:data:`SAMPLED_OBJECTIVES`)."""

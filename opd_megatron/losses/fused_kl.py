@@ -80,7 +80,6 @@ class _Spec:
     vocab_size: int | None
     token_clip: float | None
     grads: bool
-    compile: bool = False
 
 
 _CACHE_BLOCK = 1 << 18
@@ -107,7 +106,6 @@ def loss_kwargs(cfg) -> dict:
         temperature=cfg.temperature,
         scale_by_t2=cfg.scale_by_t2,
         chunk_size=cfg.chunk_size,
-        compile=cfg.compile,
     )
 
 
@@ -264,29 +262,6 @@ def _block_work(s_RV, t_RV, q_RV, p_RV, w1_RV, w2_RV, coef_R, spec: _Spec, guard
     return value_R, agree_R
 
 
-def _fresh_block_work(s_RV, t_RV, coef_R, spec: _Spec, guard: bool, grads: bool):
-    """:func:`_block_work` on one rank with its work buffers as temporaries, for ``torch.compile``:
-    Inductor fuses the ~25 elementwise passes into a few loops and never materialises the buffers."""
-    q, p, w1, w2 = (torch.empty_like(s_RV) for _ in range(4))
-    return _block_work(s_RV, t_RV, q, p, w1, w2, coef_R, spec, guard, grads, None)
-
-
-_compiled_block = None
-
-
-def _compiled_block_work():
-    global _compiled_block
-    if _compiled_block is None:
-        # One graph per block shape and spec (a run needs one or two: a chunk's last block may add
-        # one); no dynamic shapes. Dynamo's default of 8 graphs per function is too few for a process
-        # that evaluates several divergences and shapes (tests, benchmarks).
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _compiled_block = torch.compile(_fresh_block_work, dynamic=False, fullgraph=True)
-    return _compiled_block
-
-
 def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
     """Per-token values and top-1 agreement; when ``grad_h_NH`` / ``grad_w_VH`` are given, also the
     gradients (not yet scaled by the upstream gradient), accumulated into them."""
@@ -301,9 +276,7 @@ def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
     # Teacher logits from hidden states come from one matmul per chunk and are worked on in place;
     # given ones are copied in block by block (they are never modified).
     t_CV = torch.empty(C if x.t_logits is None else R, V, dtype=acc, device=dev)
-    compiled = _compiled_block_work() if spec.compile and tp_size(group) == 1 else None
-    if compiled is None:
-        q_blk, p_blk, w1_blk, w2_blk = (torch.empty(R, V, dtype=acc, device=dev) for _ in range(4))
+    q_blk, p_blk, w1_blk, w2_blk = (torch.empty(R, V, dtype=acc, device=dev) for _ in range(4))
     for c0 in range(0, N, C):
         c1 = min(c0 + C, N)
         s = s_CV[: c1 - c0]
@@ -317,13 +290,10 @@ def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
             s_RV = s[r0:r1]
             t_RV = t_CV[r0:r1] if x.t_logits is None else t_CV[: r1 - r0]
             guard = _teacher_rows(x, t_RV, c0, r0, r1, spec.inv_temperature)
-            if compiled:
-                value_N[n0:n1], agree_N[n0:n1] = compiled(s_RV, t_RV, coef_N[n0:n1], spec, guard, grads)
-            else:
-                q, p, w1, w2 = (b[: r1 - r0] for b in (q_blk, p_blk, w1_blk, w2_blk))
-                value_N[n0:n1], agree_N[n0:n1] = _block_work(
-                    s_RV, t_RV, q, p, w1, w2, coef_N[n0:n1], spec, guard, grads, group
-                )
+            q, p, w1, w2 = (b[: r1 - r0] for b in (q_blk, p_blk, w1_blk, w2_blk))
+            value_N[n0:n1], agree_N[n0:n1] = _block_work(
+                s_RV, t_RV, q, p, w1, w2, coef_N[n0:n1], spec, guard, grads, group
+            )
         if grads:
             _accumulate_grads(s, h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
     if not grads:
@@ -417,7 +387,6 @@ def fused_linear_divergence(
     tp_group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
     token_clip: float | None = None,
-    compile: bool = False,
 ) -> FusedDivergenceOutput:
     r"""Distillation loss of the student's lm-head on its pre-lm-head hidden states, fused and TP-aware.
 
@@ -443,10 +412,6 @@ def fused_linear_divergence(
         tp_group: the tensor-parallel group the vocabulary is split over (None: one process).
         vocab_size: the true vocabulary size; rows at global index >= it are padding and excluded.
         token_clip: OPSD's per-token clip ``tau``: each token contributes ``min(D_t, tau)``.
-        compile: run each block's elementwise work (softmaxes, divergence, gradient) as one
-            ``torch.compile``-d function on a single rank (ignored under TP, whose collectives sit
-            between the passes). Compiles once per block shape and divergence settings (seconds);
-            Inductor's reductions round differently from eager ones (README, performance).
 
     Returns:
         :class:`FusedDivergenceOutput` ``(loss, per_token, top1_agree)``; the per-token tensors have the
@@ -513,7 +478,6 @@ def fused_linear_divergence(
         vocab_size=vocab_size,
         token_clip=token_clip,
         grads=wants_grad,
-        compile=bool(compile),
     )
     loss, per_token, agree = FusedLinearDivergence.apply(
         hidden, weight_VH, t_hidden, teacher_weight_VH, t_logits, coef_T, spec, tp_group

@@ -8,8 +8,6 @@ Variants, each a forward + backward of a distillation loss of the student's lm-h
 - ``naive``:  full student and teacher logits ``[T, V]``, log-softmax, ``F.kl_div`` terms, autograd.
 - ``fused``:  ``fused_linear_divergence`` at TP=1 (gradients formed during forward, softmax and
   divergence work in cache-sized row blocks).
-- ``fused_compiled``: ``fused`` with ``compile=True`` (each block's elementwise work one compiled
-  function; the compilation happens in the untimed warm-up iteration).
 - ``liger``:  Liger's ``LigerFusedLinearJSDLoss``, compiled (JSD only; hard-loss weight 0, its default chunk).
 - ``fused_tp2``: ``fused_linear_divergence`` at TP=2: two gloo processes, each with half the vocabulary.
 - ``floor``:  the bare matmuls, chunked with the same chunk size: student logits, teacher logits, and the
@@ -48,7 +46,7 @@ from pathlib import Path
 
 SHAPES_FULL = [(4096, 512, 32768), (2048, 1024, 131072)]
 SHAPES_QUICK = [(512, 128, 4096)]
-VARIANTS = ("naive", "fused", "fused_compiled", "liger", "fused_tp2", "floor")
+VARIANTS = ("naive", "fused", "liger", "fused_tp2", "floor")
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -149,7 +147,7 @@ def _step_fn(variant: str, args, hidden, weight, t_hidden, t_weight, group):
             loss.backward()
             return loss.item()
 
-    elif variant in ("fused", "fused_compiled", "fused_tp2"):
+    elif variant in ("fused", "fused_tp2"):
 
         def step():
             out = fused_linear_divergence(
@@ -159,7 +157,6 @@ def _step_fn(variant: str, args, hidden, weight, t_hidden, t_weight, group):
                 teacher_weight_VH=t_weight,
                 chunk_size=chunk,
                 tp_group=group,
-                compile=variant == "fused_compiled",
                 **div,
             )
             out.loss.backward()
