@@ -26,7 +26,8 @@ clipping at 1.0); one micro-batch of 8, no gradient accumulation.
   co-located (its checkpoint) and the student starting from its checkpoint; ``trainer.train_step(step)``
   per step. Phases are the record's ``time_rollout``, ``time_score`` and ``time_update``.
 * TRL: ``GKDTrainer`` (``lmbda`` 1 or 0, ``beta`` 0.5, ``temperature`` 1.0, ``max_new_tokens`` as the
-  case, fp32 on CPU) driven by its own ``train()`` loop. Phases are measured from outside: rollout is
+  case, fp32 on CPU, gradient checkpointing off: TRL's default turns it on, which also disables the KV
+  cache of GKD's generation) driven by its own ``train()`` loop. Phases are measured from outside: rollout is
   the time in ``generate_on_policy_outputs``, teacher the time in the teacher model's forward.
 
 Token accounting, the same on both sides: the generated tokens actually produced (up to and including
@@ -414,6 +415,10 @@ def trl_worker(conn, case: Case, work: str, threads: int, total_steps: int, eos_
             seed=SEED,
             train_sampling_strategy="sequential",
             dataloader_num_workers=0,
+            # TRL's SFTConfig (GKDConfig's parent) defaults to gradient checkpointing, and GKDTrainer then
+            # generates without a KV cache (use_cache=False) and recomputes activations in backward.
+            # Ours does neither, so TRL runs without it too (its fastest configuration here).
+            gradient_checkpointing=False,
         )
 
         state = {"remaining": 0, "timed_from": 0, "n": 0, "out": [], "t0": 0.0, "c0": 0.0}
