@@ -39,7 +39,6 @@ uses).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -263,37 +262,6 @@ def _block_work(s_RV, t_RV, q_RV, p_RV, w1_RV, w2_RV, coef_R, spec: _Spec, guard
     return value_R, agree_R
 
 
-def block_lanes(device: torch.device, group) -> int:
-    """Row blocks worked on at once. On one CPU process: one per intra-op thread, each lane a thread of
-    its own running its blocks' elementwise work single-threaded. The work of one ``[R, V]`` block is
-    ~25 short passes, and splitting each pass over the threads costs a synchronisation per pass
-    (measured: the loss went from 1.05x its matmul floor at one thread to 1.16x at two); whole blocks
-    per thread need none. Elsewhere one (a GPU streams a chunk at once; under TP each block has
-    collectives, which must run in the same order on every rank)."""
-    if device.type != "cpu" or tp_size(group) > 1:
-        return 1
-    return max(1, torch.get_num_threads())
-
-
-_lane_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _single_threaded() -> None:
-    torch.set_num_threads(1)  # this thread only (intra-op thread counts are per thread)
-
-
-def _lanes(n: int) -> ThreadPoolExecutor:
-    global _lane_pool
-    if _lane_pool is None or _lane_pool[0] != n:
-        if _lane_pool is not None:
-            _lane_pool[1].shutdown(wait=True)
-        _lane_pool = (
-            n,
-            ThreadPoolExecutor(n, thread_name_prefix="fused-loss-lane", initializer=_single_threaded),
-        )
-    return _lane_pool[1]
-
-
 def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
     """Per-token values and top-1 agreement; when ``grad_h_NH`` / ``grad_w_VH`` are given, also the
     gradients (not yet scaled by the upstream gradient), accumulated into them."""
@@ -307,30 +275,8 @@ def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
     s_CV = torch.empty(C, V, dtype=acc, device=dev)
     # Teacher logits from hidden states come from one matmul per chunk and are worked on in place;
     # given ones are copied in block by block (they are never modified).
-    t_CV = torch.empty(C, V, dtype=acc, device=dev) if x.t_logits is None else None
-    lanes = min(block_lanes(dev, group), -(-C // R))
-    # Per lane: q, p, two work buffers, and (given teacher logits) the teacher rows' copy.
-    work = [
-        [torch.empty(R, V, dtype=acc, device=dev) for _ in range(4 if x.t_logits is None else 5)]
-        for _ in range(lanes)
-    ]
-
-    def blocks(c0: int, c1: int, s, starts, buf) -> None:
-        for r0 in starts:
-            r1 = min(r0 + R, c1 - c0)
-            n0, n1 = c0 + r0, c0 + r1
-            s_RV = s[r0:r1]
-            t_RV = t_CV[r0:r1] if x.t_logits is None else buf[4][: r1 - r0]
-            guard = _teacher_rows(x, t_RV, c0, r0, r1, spec.inv_temperature)
-            q, p, w1, w2 = (b[: r1 - r0] for b in buf[:4])
-            value_N[n0:n1], agree_N[n0:n1] = _block_work(
-                s_RV, t_RV, q, p, w1, w2, coef_N[n0:n1], spec, guard, grads, group
-            )
-
-    def lane(*args) -> None:
-        with torch.no_grad():  # grad mode is per thread
-            blocks(*args)
-
+    t_CV = torch.empty(C if x.t_logits is None else R, V, dtype=acc, device=dev)
+    q_blk, p_blk, w1_blk, w2_blk = (torch.empty(R, V, dtype=acc, device=dev) for _ in range(4))
     for c0 in range(0, N, C):
         c1 = min(c0 + C, N)
         s = s_CV[: c1 - c0]
@@ -338,17 +284,16 @@ def _chunks(x: _Inputs, spec: _Spec, group, coef_N, grad_h_NH, grad_w_VH):
         _logits_into(s, h_CH, x.weight)
         if x.t_logits is None:
             _logits_into(t_CV[: c1 - c0], _take(x.t_hidden, x.rows, c0, c1), x.t_weight)
-        starts = list(range(0, c1 - c0, R))
-        if lanes == 1 or len(starts) == 1:
-            blocks(c0, c1, s, starts, work[0])
-        else:  # contiguous runs of blocks, one per lane; each block writes only its own rows
-            per = -(-len(starts) // lanes)
-            done = [
-                _lanes(lanes).submit(lane, c0, c1, s, starts[i * per : (i + 1) * per], work[i])
-                for i in range(lanes)
-            ]
-            for f in done:
-                f.result()
+        for r0 in range(0, c1 - c0, R):
+            r1 = min(r0 + R, c1 - c0)
+            n0, n1 = c0 + r0, c0 + r1
+            s_RV = s[r0:r1]
+            t_RV = t_CV[r0:r1] if x.t_logits is None else t_CV[: r1 - r0]
+            guard = _teacher_rows(x, t_RV, c0, r0, r1, spec.inv_temperature)
+            q, p, w1, w2 = (b[: r1 - r0] for b in (q_blk, p_blk, w1_blk, w2_blk))
+            value_N[n0:n1], agree_N[n0:n1] = _block_work(
+                s_RV, t_RV, q, p, w1, w2, coef_N[n0:n1], spec, guard, grads, group
+            )
         if grads:
             _accumulate_grads(s, h_CH, x, grad_h_NH, grad_w_VH, c0, c1)
     if not grads:

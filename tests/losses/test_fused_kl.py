@@ -410,30 +410,3 @@ def test_tp2_all_masked(tp2_results):
         assert (
             loss.item() == 0.0 and not gh.any() and not gw.any() and not per_token.any() and not agree.any()
         )
-
-
-@pytest.mark.parametrize("teacher_form", ["hidden", "logits"])
-def test_block_lanes_give_the_single_thread_result(teacher_form, monkeypatch):
-    """With several intra-op threads, one CPU process works on row blocks in parallel lanes, each
-    single-threaded: the result is that of one thread (to rounding: the matmuls block differently)."""
-    monkeypatch.setattr(fused_kl, "_CACHE_BLOCK", 150)  # 37 valid rows of 40: 4-row blocks
-    hidden, weight, t_hidden, t_weight, t_logits, mask = _inputs(
-        T=29, dtype=torch.float32, neg_inf_teacher=True
-    )
-    teacher = (
-        dict(teacher_hidden_TH=t_hidden, teacher_weight_VH=t_weight)
-        if teacher_form == "hidden"
-        else dict(teacher_logits_TV=t_logits)
-    )
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        ref = _fused(hidden, weight, teacher, mask, "jsd", {"jsd_beta": 0.5}, chunk_size=13, vocab_size=37)
-        torch.set_num_threads(3)
-        assert fused_kl.block_lanes(torch.device("cpu"), None) == 3
-        got = _fused(hidden, weight, teacher, mask, "jsd", {"jsd_beta": 0.5}, chunk_size=13, vocab_size=37)
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(got[:4], ref[:4]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert torch.equal(got[4], ref[4])
