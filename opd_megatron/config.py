@@ -840,6 +840,24 @@ def validate_teachers(cfg: RunConfig) -> None:
                 owners[d] = t.name
 
 
+def _validate_micro_batch_layout(cfg: RunConfig) -> None:
+    """Token-budget micro-batches and packed rows change the micro-batch shapes from step to step, which
+    pipeline stages (they exchange fixed shapes) and sequence parallelism (it splits the sequence over
+    TP ranks) do not allow."""
+    one_stage = "needs parallel.pipeline_model_parallel_size 1 (pipeline stages exchange fixed shapes)"
+    _check(
+        not (cfg.train.max_tokens_per_microbatch and cfg.parallel.pp > 1),
+        "train.max_tokens_per_microbatch",
+        one_stage,
+    )
+    _check(not (cfg.train.pack_sequences and cfg.parallel.pp > 1), "train.pack_sequences", one_stage)
+    _check(
+        not (cfg.train.pack_sequences and cfg.parallel.sequence_parallel),
+        "train.pack_sequences",
+        "needs parallel.sequence_parallel false (a packed row is not split over TP ranks)",
+    )
+
+
 def validate_opd(cfg: RunConfig) -> None:  # noqa: C901
     """Everything an OPD run needs of its config beyond the sections' own checks. Several teachers,
     remote teachers and teachers of another tokenizer go through the MOPD orchestrator, which supports the
@@ -847,19 +865,7 @@ def validate_opd(cfg: RunConfig) -> None:  # noqa: C901
     vocabulary (sampled-token objectives, teacher-mixed sampling, teacher-sampled off-policy data) need
     exactly one co-located (or self) teacher of the student's tokenizer."""
     validate_teachers(cfg)
-    _check(
-        not (cfg.train.max_tokens_per_microbatch and cfg.parallel.pp > 1),
-        "train.max_tokens_per_microbatch",
-        "needs parallel.pipeline_model_parallel_size 1 (pipeline stages exchange fixed shapes)",
-    )
-    for field_name, bad in (
-        ("pipeline_model_parallel_size 1 (stages exchange fixed shapes)", cfg.parallel.pp > 1),
-        (
-            "parallel.sequence_parallel false (a packed row is not split over TP ranks)",
-            cfg.parallel.sequence_parallel,
-        ),
-    ):
-        _check(not (cfg.train.pack_sequences and bad), "train.pack_sequences", f"needs {field_name}")
+    _validate_micro_batch_layout(cfg)
     lc, t = cfg.loss, cfg.teachers[0]
     single_dense = len(cfg.teachers) == 1 and t.placement not in ("remote", "vllm") and t.tokenizer is None
     needs = [

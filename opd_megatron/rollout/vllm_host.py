@@ -321,22 +321,22 @@ class _ProcessHost:
         ctx = tmp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         # The helper must not inherit this rank's torchrun identity: vLLM would join our world.
-        saved = {
-            k: os.environ.pop(k)
-            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
-            if k in os.environ
-        }
-        if settings.cuda_device is not None:  # an engine on its own GPU (spawned children read this)
+        # An engine on a GPU of its own sees only that one (the spawned child reads the environment).
+        own_gpu = settings.cuda_device is not None
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") + (
+            ("CUDA_VISIBLE_DEVICES",) if own_gpu else ()
+        )
+        saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+        if own_gpu:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(settings.cuda_device)
-        elif "CUDA_VISIBLE_DEVICES" in saved:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved["CUDA_VISIBLE_DEVICES"]
         try:
             self.proc = ctx.Process(
                 target=_serve, args=(child, model, asdict(settings), workdir), daemon=True
             )
             self.proc.start()
         finally:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            if own_gpu:
+                os.environ.pop("CUDA_VISIBLE_DEVICES")
             os.environ.update(saved)
         child.close()
         self._answer()
