@@ -21,9 +21,9 @@ from opd_megatron.losses import gather_logprobs
 from opd_megatron.models.gpt import output_weight
 from opd_megatron.rollout.sampler import MegatronSampler
 from opd_megatron.train.batch import MicroBatch, OPDBatch, opd_microbatch
-from opd_megatron.train.opd import OPDTrainer, student_hidden
+from opd_megatron.train.opd import OPDTrainer
 from opd_megatron.train.optim import lr_at
-from opd_megatron.train.step import forward_backward
+from opd_megatron.train.step import forward_backward, student_hidden
 
 STUDENT_PASSES = {"opd": 4, "seqkd": 3}
 """Student forward-pass equivalents per training sequence and step: backward costs about two forwards,

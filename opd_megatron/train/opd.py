@@ -30,8 +30,6 @@ from opd_megatron.distributed.pipeline import broadcast_from_last_stage
 from opd_megatron.losses import gather_logprobs
 from opd_megatron.models.checkpoint import load_model_weights
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
-from opd_megatron.models.hidden import decoder_hidden_states
-from opd_megatron.models.packing import pack_rows, unpack_hidden
 from opd_megatron.mopd import MOPDOrchestrator, StepAborted
 from opd_megatron.mopd.orchestrator import Group
 from opd_megatron.mopd.registry import default_teacher
@@ -56,7 +54,7 @@ from opd_megatron.train.objectives import METRIC_KEYS, Objectives
 from opd_megatron.train.optim import lr_at, make_optimizer
 from opd_megatron.train.rollouts import RolloutSource
 from opd_megatron.train.runner import TrainingRun, domain_values
-from opd_megatron.train.step import forward_backward
+from opd_megatron.train.step import forward_backward, packed_student_hidden, student_hidden
 from opd_megatron.train.teacher_setup import build_run_teachers, describe_teachers
 
 
@@ -74,22 +72,6 @@ class OPDResult:
     history: list[dict] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     """The counts by reason (``empty_rollouts``: rollouts dropped)."""
-
-
-def student_hidden(model, mb: MicroBatch):
-    pos_BS = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
-    return decoder_hidden_states(model, mb.tokens, pos_BS)
-
-
-def packed_student_hidden(model, mb: MicroBatch):
-    """:func:`student_hidden` computed on the micro-batch's rows packed end to end (THD), returned on
-    the padded grid: the same values at every real token, zeros at padding."""
-    lengths = [len(p) + len(c) for p, c in zip(mb.prompts, mb.comps)]
-    packed = pack_rows(mb.tokens, lengths + [0] * (mb.tokens.shape[0] - len(lengths)))
-    hidden_T1H = decoder_hidden_states(
-        model, packed.tokens_1T, packed.position_ids_1T, packed_seq_params=packed.params
-    )
-    return unpack_hidden(hidden_T1H, packed)
 
 
 MISMATCH_KEYS = ("logprob_diff_mean_abs", "logprob_diff_max_abs", "logprob_diff_mean", "kl_behaviour_trainer")

@@ -16,7 +16,26 @@ import torch
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.distributed.grads import all_finite, clip_grads, dp_sum_, grad_norm, sync_grads
 from opd_megatron.distributed.pipeline import broadcast_from_last_stage
+from opd_megatron.models.hidden import decoder_hidden_states
+from opd_megatron.models.packing import pack_rows, unpack_hidden
 from opd_megatron.train.batch import MicroBatch
+
+
+def student_hidden(model, mb: MicroBatch):
+    """The decoder output `[s, b, h]` of the micro-batch's padded grid (positions 0..s-1 in every row)."""
+    pos_BS = torch.arange(mb.tokens.shape[1], device=mb.tokens.device).expand_as(mb.tokens)
+    return decoder_hidden_states(model, mb.tokens, pos_BS)
+
+
+def packed_student_hidden(model, mb: MicroBatch):
+    """:func:`student_hidden` computed on the micro-batch's rows packed end to end (THD), returned on
+    the padded grid: the same values at every real token, zeros at padding."""
+    lengths = [len(p) + len(c) for p, c in zip(mb.prompts, mb.comps)]
+    packed = pack_rows(mb.tokens, lengths + [0] * (mb.tokens.shape[0] - len(lengths)))
+    hidden_T1H = decoder_hidden_states(
+        model, packed.tokens_1T, packed.position_ids_1T, packed_seq_params=packed.params
+    )
+    return unpack_hidden(hidden_T1H, packed)
 
 
 def forward_backward(

@@ -52,9 +52,8 @@ def _worker(rank: int, port: int, shape: dict, variant: str, steps: int, queue) 
     from opd_megatron.targets import TeacherTargets
     from opd_megatron.train.batch import MicroBatch
     from opd_megatron.train.objectives import METRIC_KEYS, Objectives
-    from opd_megatron.train.opd import student_hidden
     from opd_megatron.train.optim import make_optimizer
-    from opd_megatron.train.step import forward_backward
+    from opd_megatron.train.step import forward_backward, student_hidden
 
     g = init_distributed(ParallelConfig(), seed=0)
     mcfg = ModelConfig(
