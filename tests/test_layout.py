@@ -72,7 +72,9 @@ def test_no_call_of_another_project_modules_private_function():
         local_modules = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                local_modules |= {(a.asname or a.name) for a in node.names if a.name.startswith("opd_megatron")}
+                local_modules |= {
+                    (a.asname or a.name) for a in node.names if a.name.startswith("opd_megatron")
+                }
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("opd_megatron"):
                 local_modules |= {(a.asname or a.name) for a in node.names}
         for node in ast.walk(tree):
