@@ -465,6 +465,11 @@ class RolloutConfig:
     engine: Literal["megatron", "vllm"] = "megatron"
     """``megatron``: the KV-cache sampler on the trainer's own model; ``vllm``: a vLLM engine holding a
     copy of the student, refitted after every optimizer step (``opd_megatron.rollout.vllm_engine``)."""
+    lean_decode: bool = True
+    """``megatron`` engine: decode the dense local-spec layers through the lean path
+    (``opd_megatron.rollout.lean_decode``: the same maths on the model's parameters without Megatron's
+    module machinery, several times less per-token overhead); ``false`` keeps Megatron-core's forward.
+    Models it does not cover (MoE, the Transformer Engine spec, ...) always use Megatron's forward."""
     vllm_kv_cache_mb: float = 256.0
     """``engine: vllm``: the engine's KV-cache memory; it must hold one ``model.max_sequence_length``
     sequence or the run stops before training."""

@@ -12,6 +12,30 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 
+def attend(q_BHSD, k_BHSD, v_BHSD, attention_mask=None, scale=None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal (optionally padded) attention of the ``sq`` queries, the last ``sq`` of the ``sk`` key
+    positions, in SDPA's layout ``[b, heads or groups, s, d]``; ``attention_mask`` is Megatron's boolean
+    ``[b or 1, 1, sq or 1, sk]`` with True meaning "do not attend". Returns ``[b, heads, sq, d]``."""
+    heads, groups = q_BHSD.shape[1], k_BHSD.shape[1]
+    sq, sk = q_BHSD.shape[2], k_BHSD.shape[2]
+    # GQA: each key/value head serves heads // groups query heads (SDPA broadcasts them itself).
+    gqa = {"enable_gqa": True} if groups != heads else {}
+    if attention_mask is None and sq == sk:
+        return F.scaled_dot_product_attention(
+            q_BHSD, k_BHSD, v_BHSD, is_causal=True, dropout_p=dropout, scale=scale, **gqa
+        )
+    if attention_mask is None and sq == 1:  # one decode step: the last query sees every cached key
+        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, dropout_p=dropout, scale=scale, **gqa)
+    # Queries are the last sq positions of the sk keys (decode against a cache): the causal mask is
+    # aligned bottom-right, which is_causal=True (top-left) would get wrong.
+    allowed_SK = torch.ones(sq, sk, dtype=torch.bool, device=q_BHSD.device).tril(diagonal=sk - sq)
+    if attention_mask is not None:
+        allowed_SK = allowed_SK & ~attention_mask
+    return F.scaled_dot_product_attention(
+        q_BHSD, k_BHSD, v_BHSD, attn_mask=allowed_SK, dropout_p=dropout, scale=scale, **gqa
+    )
+
+
 class SDPACoreAttention(MegatronModule):
     """Causal (optionally padded) multi-head / grouped-query attention.
 
@@ -40,36 +64,10 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
         q_BHSD, k_BHSD, v_BHSD = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        heads, groups = q_BHSD.shape[1], k_BHSD.shape[1]
-        sq, sk = q_BHSD.shape[2], k_BHSD.shape[2]
-        # GQA: each key/value head serves heads // groups query heads (SDPA broadcasts them itself).
-        gqa = {"enable_gqa": True} if groups != heads else {}
         dropout = self.dropout_p if self.training else 0.0
-        if attention_mask is None and sq == sk:
-            out_BHSD = F.scaled_dot_product_attention(
-                q_BHSD, k_BHSD, v_BHSD, is_causal=True, dropout_p=dropout, scale=self.softmax_scale, **gqa
-            )
-        elif attention_mask is None and sq == 1:  # one decode step: the last query sees every cached key
-            out_BHSD = F.scaled_dot_product_attention(
-                q_BHSD, k_BHSD, v_BHSD, dropout_p=dropout, scale=self.softmax_scale, **gqa
-            )
-        else:
-            # Queries are the last sq positions of the sk keys (decode against a cache): the causal mask
-            # is aligned bottom-right, which is_causal=True (top-left) would get wrong.
-            allowed_SK = torch.ones(sq, sk, dtype=torch.bool, device=q_BHSD.device).tril(diagonal=sk - sq)
-            if attention_mask is not None:
-                allowed_SK = allowed_SK & ~attention_mask
-            out_BHSD = F.scaled_dot_product_attention(
-                q_BHSD,
-                k_BHSD,
-                v_BHSD,
-                attn_mask=allowed_SK,
-                dropout_p=dropout,
-                scale=self.softmax_scale,
-                **gqa,
-            )
+        out_BHSD = attend(q_BHSD, k_BHSD, v_BHSD, attention_mask, self.softmax_scale, dropout)
         # [b, h, sq, d] -> [sq, b, h*d], the layout Megatron's output projection expects.
-        return out_BHSD.permute(2, 0, 1, 3).reshape(sq, out_BHSD.shape[0], -1)
+        return out_BHSD.permute(2, 0, 1, 3).reshape(out_BHSD.shape[2], out_BHSD.shape[0], -1)
 
     def _packed(self, query_THD, key_TGD, value_TGD, params) -> torch.Tensor:
         """THD: one causal attention per packed row (``cu_seqlens_q`` boundaries); ``[T, heads * d]``."""

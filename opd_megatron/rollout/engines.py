@@ -25,7 +25,7 @@ def build_sampler(
     end = tokenizer.eos_id if eos_id is None else eos_id
     kwargs = {"eos_id": end, "pad_id": tokenizer.pad_id, "tokenizer": tokenizer}
     if rc.engine == "megatron":
-        return MegatronSampler(model, groups, **kwargs)
+        return MegatronSampler(model, groups, lean_decode=rc.lean_decode, **kwargs)
     if cfg.loss.mix_alpha > 0:
         raise ConfigError(
             "rollout.engine",

@@ -9,6 +9,10 @@ allocates cache memory.
 ``GPTModel.forward`` with an inference context insists on gathering the full-vocabulary logits, so the
 stage runs embedding + decoder itself (:func:`~opd_megatron.models.hidden.decoder_hidden_states`) and,
 on the last stage, applies this rank's output-layer shard to the last position only.
+
+Stages the lean decode path covers (:mod:`~opd_megatron.rollout.lean_decode`: the dense local-spec
+layers this project builds) run through it instead of Megatron's modules, with a KV cache of their own;
+``lean=False`` keeps Megatron's forward and its ``StaticInferenceContext`` for every stage.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from opd_megatron.distributed import ParallelGroups
 from opd_megatron.distributed.pipeline import pipeline_forward
 from opd_megatron.models.gpt import output_weight, vocab_shard_range
 from opd_megatron.models.hidden import decoder_hidden_states
+from opd_megatron.rollout.lean_decode import LeanStage, lean_unsupported
 from opd_megatron.rollout.vocab_parallel import mask_padded_vocab
 
 __all__ = ["CachedStage"]
@@ -32,11 +37,13 @@ class CachedStage:
     (prefill) and then with one new token per row at a time.
     """
 
-    def __init__(self, model, groups: ParallelGroups):
+    def __init__(self, model, groups: ParallelGroups, lean: bool = True):
         self.model = model
         self.groups = groups
         self.context = None
         self.shard_start, _ = vocab_shard_range(model, groups.tp_rank, groups.tp_size)
+        self.lean = LeanStage(model, groups) if lean and lean_unsupported(model, groups) is None else None
+        self._input_tensor = None
 
     # The two attributes pipeline_forward uses on a model.
     @property
@@ -44,10 +51,16 @@ class CachedStage:
         return self.model.config
 
     def set_input_tensor(self, tensor: torch.Tensor) -> None:
-        self.model.set_input_tensor(tensor)
+        if self.lean is not None:
+            self._input_tensor = tensor
+        else:
+            self.model.set_input_tensor(tensor)
 
     def prepare(self, batch: int, seq_len: int) -> None:
         """Empty the cache for a batch of ``batch`` rows and up to ``seq_len`` positions."""
+        if self.lean is not None:
+            self.lean.prepare(batch, seq_len)
+            return
         from megatron.core.inference.contexts import StaticInferenceContext
 
         ctx = self.context
@@ -62,9 +75,13 @@ class CachedStage:
     def release(self) -> None:
         """Drop the cache buffers (they are allocated again on the next batch)."""
         self.context = None
+        if self.lean is not None:
+            self.lean.release()
 
     def __call__(self, input_ids_BS, position_ids_BS, attention_mask):
         """This stage's hidden states ``[s, b, h]`` for the new positions; advances the cache."""
+        if self.lean is not None:
+            return self.lean.forward(input_ids_BS, attention_mask, self._input_tensor)
         hidden_SBH = decoder_hidden_states(
             self.model, input_ids_BS, position_ids_BS, attention_mask, inference_context=self.context
         )

@@ -65,6 +65,9 @@ class MegatronSampler:
             ``max_sequence_length``. Longer requests are an error, not a silent cut.
         top_p_candidates: with top-p but no top-k, the nucleus is taken over the global top
             ``top_p_candidates`` tokens (see :func:`~opd_megatron.rollout.sampling.choose_filtered`).
+        lean_decode: run the model stages the lean decode path covers through it
+            (:mod:`~opd_megatron.rollout.lean_decode`: same maths, a fraction of the per-token overhead);
+            ``False`` keeps Megatron-core's own forward for every stage.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class MegatronSampler:
         max_batch_size: int = 64,
         max_sequence_length: int | None = None,
         top_p_candidates: int = 1024,
+        lean_decode: bool = True,
     ):
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
@@ -95,7 +99,8 @@ class MegatronSampler:
         for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
             if not 0 <= tok < self.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the model's vocabulary [0, {self.vocab_size})")
-        self._stage = CachedStage(model, groups)
+        self.lean_decode = lean_decode
+        self._stage = CachedStage(model, groups, lean=lean_decode)
         # The teacher of the last mixed call: its cache is reused while the same teacher comes back.
         self._teacher_stage: CachedStage | None = None
         per_rank = model.padded_vocab_size // groups.tp_size
@@ -137,7 +142,7 @@ class MegatronSampler:
         if (teacher.pre_process, teacher.post_process) != (self.model.pre_process, self.model.post_process):
             raise ValueError("the teacher must be split into the same pipeline stages as the student")
         if self._teacher_stage is None or self._teacher_stage.model is not teacher:
-            self._teacher_stage = CachedStage(teacher, self.groups)
+            self._teacher_stage = CachedStage(teacher, self.groups, lean=self.lean_decode)
         return self._teacher_stage
 
     # ------------------------------------------------------------------ generation

@@ -86,6 +86,16 @@ def _suite(student, teacher, groups) -> dict:
     kinds = ("greedy", "sampled", "unseeded", "top_k", "top_p")
     out = {k: sampler.generate(prompts, _params(k)) for k in kinds}
     out["mixed"] = sampler.generate(prompts, _params("mixed"), mix_with=(teacher, MIX_ALPHA["mixed"]))
+    # The same requests through Megatron-core's own forward (no lean decode path).
+    megatron = MegatronSampler(
+        student, groups, eos_id=EOS, pad_id=PAD, tokenizer=_tokenizer(), lean_decode=False
+    )
+    assert megatron._stage.lean is None and sampler._stage.lean is not None
+    for k in ("greedy", "sampled", "top_p"):
+        out[f"megatron_{k}"] = megatron.generate(prompts, _params(k))
+    out["megatron_mixed"] = megatron.generate(
+        prompts, _params("mixed"), mix_with=(teacher, MIX_ALPHA["mixed"])
+    )
     return out
 
 
@@ -345,6 +355,20 @@ def test_clear_errors(results, case, message):
 
 
 # ---------------------------------------------------------------------------------------------- TP=2, PP=2
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+@pytest.mark.parametrize("kind", ["greedy", "sampled", "top_p", "mixed"])
+def test_lean_decode_path_equals_megatron_forward(results, layout, kind):
+    """The lean decode path and Megatron-core's forward choose the same tokens with the same log-probs
+    (and mixture weights) at every layout."""
+    lean, megatron = results[layout][kind], results[layout][f"megatron_{kind}"]
+    assert lean.completion_ids == megatron.completion_ids
+    for a, b in zip(lean.logprobs, megatron.logprobs):
+        assert a == pytest.approx(b, abs=1e-6)
+    if lean.importance_weights is not None:
+        for a, b in zip(lean.importance_weights, megatron.importance_weights):
+            assert a == pytest.approx(b, rel=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_greedy_equals_tp1_from_same_checkpoint(results, layout):
     assert results[layout]["greedy"].completion_ids == results["tp1"]["greedy"].completion_ids
