@@ -37,10 +37,12 @@ class SeqKDTrainer(OPDTrainer):
 
     def __init__(self, cfg, groups=None):
         super().__init__(cfg, groups)
-        tok = self.tokenizer
+        tok, end = self.tokenizer, self.prompt_fn.end_ids
         self.teacher_of = {d: t.name for t in cfg.teachers for d in t.domains}
         self.samplers = {
-            name: MegatronSampler(t.model, t.groups, eos_id=tok.eos_id, pad_id=tok.pad_id, tokenizer=tok)
+            name: MegatronSampler(
+                t.model, t.groups, eos_id=end[0], stop_ids=end[1:], pad_id=tok.pad_id, tokenizer=tok
+            )
             for name, t in self.teachers.items()
         }
 

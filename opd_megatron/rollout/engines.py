@@ -8,6 +8,8 @@ the trainer's own parameters and needs nothing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from opd_megatron.config import ConfigError, RunConfig
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.rollout.sampler import MegatronSampler
@@ -17,13 +19,14 @@ __all__ = ["after_optimizer_step", "build_sampler"]
 
 
 def build_sampler(
-    cfg: RunConfig, model, groups: ParallelGroups, tokenizer, eos_id: int | None = None
+    cfg: RunConfig, model, groups: ParallelGroups, tokenizer, end_ids: Sequence[int] | None = None
 ) -> Sampler:
     """The student's sampler for ``cfg.rollout.engine`` (collective over the model's TP x PP group).
-    Completions end at ``eos_id`` (default: the tokenizer's EOS; a chat template's end-of-turn token)."""
+    Completions end at any of ``end_ids`` (default: the tokenizer's EOS; under a chat template its
+    end-of-turn token and EOS, :func:`~opd_megatron.data.render.completion_end_ids`)."""
     rc = cfg.rollout
-    end = tokenizer.eos_id if eos_id is None else eos_id
-    kwargs = {"eos_id": end, "pad_id": tokenizer.pad_id, "tokenizer": tokenizer}
+    end = tuple(end_ids) if end_ids else (tokenizer.eos_id,)
+    kwargs = {"eos_id": end[0], "stop_ids": end[1:], "pad_id": tokenizer.pad_id, "tokenizer": tokenizer}
     if rc.engine == "megatron":
         return MegatronSampler(model, groups, lean_decode=rc.lean_decode, **kwargs)
     if cfg.loss.mix_alpha > 0:

@@ -6,6 +6,8 @@ distance between query and key, so a left-padded row computes exactly what it wo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from opd_megatron.distributed import ParallelGroups
@@ -40,11 +42,13 @@ def greedy_generate(
     model,
     prompts: list[list[int]],
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     groups: ParallelGroups,
 ) -> list[list[int]]:
-    """Greedy completions (without the prompt, cut after EOS, EOS excluded) for every prompt."""
+    """Greedy completions (without the prompt, cut at the first of the ``eos_id`` ids, which is
+    excluded) for every prompt."""
+    ends = {eos_id} if isinstance(eos_id, int) else set(eos_id)
     was_training = model.training
     model.eval()
     ids_BS, pad_BS = left_pad(prompts, pad_id, groups.device)
@@ -64,7 +68,7 @@ def greedy_generate(
         nxt_B = broadcast_from_last_stage(nxt_B, (b,), torch.long, groups)
         for i in range(b):
             if not done_B[i]:
-                if nxt_B[i].item() == eos_id:
+                if nxt_B[i].item() in ends:
                     done_B[i] = True
                 else:
                     out[i].append(int(nxt_B[i]))

@@ -16,6 +16,7 @@ Finished rows keep decoding (their outputs are ignored) until the whole batch is
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,7 @@ class MegatronSampler:
         model: this rank's GPTModel stage, built by :func:`opd_megatron.models.gpt.build_gpt_model`.
         groups: the process groups the model was built with.
         eos_id: a row finishes when it generates this id (which is kept in its completion).
+        stop_ids: more ids that end a row the same way (a chat template's end-of-turn token and EOS).
         pad_id: fills the left padding of prompts; never attended to.
         tokenizer: needed only for stop strings (it decodes completions).
         max_batch_size: most rows decoded together; larger prompt lists run in several batches. The KV
@@ -78,6 +80,7 @@ class MegatronSampler:
         eos_id: int,
         pad_id: int,
         tokenizer=None,
+        stop_ids: Sequence[int] = (),
         max_batch_size: int = 64,
         max_sequence_length: int | None = None,
         top_p_candidates: int = 1024,
@@ -90,13 +93,14 @@ class MegatronSampler:
         self.model = model
         self.groups = groups
         self.eos_id = eos_id
+        self.end_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))
         self.pad_id = pad_id
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length or model.max_sequence_length
         self.top_p_candidates = top_p_candidates
         self.vocab_size = model.real_vocab_size
-        for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
+        for name, tok in (*(("eos_id", e) for e in self.end_ids), ("pad_id", pad_id)):
             if not 0 <= tok < self.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the model's vocabulary [0, {self.vocab_size})")
         self.lean_decode = lean_decode
@@ -274,6 +278,7 @@ class MegatronSampler:
         length_B = torch.zeros(b, dtype=torch.long, device=device)
         done_B = torch.zeros(b, dtype=torch.bool, device=device)
         reason_B = torch.full((b,), _LENGTH, dtype=torch.long, device=device)
+        end_T = torch.tensor(self.end_ids, dtype=torch.long, device=device)
         stops = params.stop
         texts_done = [False] * b
         host_tokens: list[list[int]] = [[] for _ in range(b)]
@@ -297,7 +302,7 @@ class MegatronSampler:
             if weights_BN is not None:
                 weights_BN[:, t] = w_B
             length_B += live_B
-            eos_B = live_B & (tok_B == self.eos_id)
+            eos_B = live_B & (tok_B == self.eos_id if len(end_T) == 1 else torch.isin(tok_B, end_T))
             reason_B.masked_fill_(eos_B, _EOS)
             done_B |= eos_B
             if stops:

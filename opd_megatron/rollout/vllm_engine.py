@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,7 @@ class VLLMEngine:
         model: this rank's GPTModel stage (its current weights are loaded into the engine).
         cfg: the model's :class:`ModelConfig` (names and shapes of the HF tensors).
         groups: the process groups the model was built with.
-        eos_id / pad_id / tokenizer: as for :class:`~opd_megatron.rollout.sampler.MegatronSampler`.
+        eos_id / pad_id / tokenizer / stop_ids: as for :class:`~opd_megatron.rollout.sampler.MegatronSampler`.
         kv_cache_bytes: the engine's KV-cache memory (``rollout.vllm_kv_cache_mb``).
         max_batch_size: most sequences the engine decodes together.
         max_sequence_length: longest prompt + completion; defaults to the model's.
@@ -150,6 +151,7 @@ class VLLMEngine:
         pad_id: int,
         kv_cache_bytes: int,
         tokenizer=None,
+        stop_ids: Sequence[int] = (),
         max_batch_size: int = 64,
         max_sequence_length: int | None = None,
         seed: int = 0,
@@ -179,9 +181,10 @@ class VLLMEngine:
         self.transfer = None
         self.asleep = False
         self.eos_id, self.pad_id, self.tokenizer = eos_id, pad_id, tokenizer
+        self.end_ids = tuple(dict.fromkeys([eos_id, *stop_ids]))
         self.vocab_size = model.real_vocab_size
         self.max_sequence_length = max_sequence_length or model.max_sequence_length
-        for name, tok in (("eos_id", eos_id), ("pad_id", pad_id)):
+        for name, tok in (*(("eos_id", e) for e in self.end_ids), ("pad_id", pad_id)):
             if not 0 <= tok < self.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the model's vocabulary [0, {self.vocab_size})")
         self.dtype = next(model.parameters()).dtype
@@ -290,7 +293,7 @@ class VLLMEngine:
             "top_p": params.top_p,
             "top_k": params.top_k,
             "logprobs": 0,  # the sampled token's log-prob only
-            "stop_token_ids": [self.eos_id],
+            "stop_token_ids": list(self.end_ids),
             "detokenize": False,
         }
 
@@ -328,7 +331,7 @@ class VLLMEngine:
             self._sleep()
             completions, logprobs, reasons = [], [], []
             for ids, lps, finish, stop_reason in outs:
-                reason = "eos" if (finish == "stop" and stop_reason == self.eos_id) else "length"
+                reason = "eos" if (finish == "stop" and stop_reason in self.end_ids) else "length"
                 if params.stop:
                     cut = self._cut_at_stop(ids, params.stop)
                     if cut is not None and (reason != "eos" or cut < len(ids)):

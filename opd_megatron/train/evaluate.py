@@ -11,6 +11,7 @@ goes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from opd_megatron.config import ConfigError, LossConfig
 from opd_megatron.data.domains import verify
 from opd_megatron.data.jsonl import PromptRow
+from opd_megatron.data.render import completion_end_ids
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.distributed.pipeline import broadcast_from_last_stage
 from opd_megatron.mopd.orchestrator import is_remote
@@ -56,11 +58,13 @@ def exact_match(
     limit: int,
     batch_size: int = 64,
     prompt_fn=None,
-    end_id: int | None = None,
+    end_ids: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """Fraction of rows per domain whose greedy completion the verifier accepts (every rank computes the
     same value; generation is collective across TP/PP). ``prompt_fn(row)`` renders a prompt (default: the
-    plain rendering); completions end at ``end_id`` (default: EOS)."""
+    plain rendering); completions end at any of ``end_ids`` (default: ``prompt_fn.end_ids`` when it has
+    them, else EOS)."""
+    ends = tuple(end_ids or getattr(prompt_fn, "end_ids", None) or (tokenizer.eos_id,))
     prompt_fn = prompt_fn or (lambda r: prompt_ids(tokenizer, r.prompt))
     scores = {}
     for domain, rows in rows_by_domain.items():
@@ -72,7 +76,7 @@ def exact_match(
                 model,
                 [prompt_fn(r) for r in chunk],
                 max_new_tokens,
-                tokenizer.eos_id if end_id is None else end_id,
+                ends,
                 tokenizer.pad_id,
                 groups,
             )
@@ -98,8 +102,10 @@ def measure_pass_rates(
         inner = t.inner if cross else t
         tok = t.teacher_tok if cross else student_tok
         render = t.teacher_prompt if cross else prompt_fn
+        # A teacher's greedy completion ends where its own template ends a turn.
+        ends = completion_end_ids(t.teacher_tok, t.teacher_tpl) if cross else None
         for d, v in exact_match(
-            inner.model, tok, eval_rows, inner.groups, max_new_tokens, limit, prompt_fn=render
+            inner.model, tok, eval_rows, inner.groups, max_new_tokens, limit, prompt_fn=render, end_ids=ends
         ).items():
             table[d][name] = v
     return table
@@ -119,7 +125,7 @@ class OPDEvaluator:
         t = self.t
         em = exact_match(
             t.student, t.tokenizer, t.eval_rows, t.groups, t.cfg.rollout.max_new_tokens, self.limit,
-            prompt_fn=t.prompt_fn, end_id=t.prompt_fn.end_ids[0],
+            prompt_fn=t.prompt_fn, end_ids=t.prompt_fn.end_ids,
         )  # fmt: skip
         pk = self.pass_at_k(self.pass_k) if self.pass_k else {}
         record = {"heldout_reverse_kl": self.heldout_kl(), **{f"exact_match/{d}": v for d, v in em.items()}}

@@ -135,7 +135,7 @@ class OPDTrainer(TrainingRun):
         self.scorer = MegatronTeacher("student", self.student, g, tok.pad_id)
         # Completions end at the template's end-of-turn token (EOS for the built-in templates). The
         # engine (rollout.engine) is the trainer's own model, or a vLLM copy refitted after every step.
-        self.sampler = build_sampler(cfg, self.student, g, tok, eos_id=self.prompt_fn.end_ids[0])
+        self.sampler = build_sampler(cfg, self.student, g, tok, end_ids=self.prompt_fn.end_ids)
         self.rollouts = RolloutSource(
             self.sampler, tok, self.prompt_fn, self.lc, SamplingParams.from_config(cfg.rollout), self.tc.seed
         )

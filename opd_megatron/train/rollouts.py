@@ -50,10 +50,12 @@ class RolloutSource:
         """The default teacher's model, for teacher-mixed sampling and teacher-sampled off-policy data."""
         self.teacher_model = model
         if self.lc.on_policy_lambda < 1 and self.lc.off_policy_source == "teacher":
+            end = self.prompt_fn.end_ids
             self._teacher_sampler = MegatronSampler(
                 model,
                 groups,
-                eos_id=self.tokenizer.eos_id,
+                eos_id=end[0],
+                stop_ids=end[1:],
                 pad_id=self.tokenizer.pad_id,
                 tokenizer=self.tokenizer,
             )
@@ -109,5 +111,7 @@ class RolloutSource:
         for r in rows:
             if r.reference is None:
                 raise ConfigError("loss.off_policy_source", f"row {r.prompt!r} has no reference completion")
-            out.append(self.tokenizer.encode(r.reference) + [self.tokenizer.eos_id])
+            # The reference ends the way SFT's targets and the samplers' completions end: at the
+            # template's end-of-turn token (EOS without a template).
+            out.append(self.tokenizer.encode(r.reference) + [self.prompt_fn.end_ids[0]])
         return out

@@ -91,7 +91,7 @@ class SFTRun(TrainingRun):
     def evaluate(self) -> dict:
         em = exact_match(
             self.model, self.tokenizer, self.eval_rows, self.groups, self.max_new, self.tc.eval_samples,
-            prompt_fn=self.render, end_id=self.render.end_ids[0],
+            prompt_fn=self.render, end_ids=self.render.end_ids,
         )  # fmt: skip
         return {f"exact_match/{d}": v for d, v in em.items()}
 

@@ -130,6 +130,13 @@ def _tp1_checks(student, teacher, groups) -> dict:
     eos = next(c[0] for c in ref if c[0] != EOS)
     out["eos_id"] = eos
     out["eos"] = MegatronSampler(student, groups, eos_id=eos, pad_id=PAD).generate(prompts, _params("greedy"))
+    # The same id as a second end id (a template's end-of-turn besides EOS), with an EOS greedy never
+    # produces here: the rows end exactly as above.
+    unused = next(i for i in range(4, VOCAB) if all(i not in c for c in out["eos"].completion_ids))
+    out["stop_ids"] = MegatronSampler(student, groups, eos_id=unused, stop_ids=(eos,), pad_id=PAD).generate(
+        prompts, _params("greedy")
+    )
+    out["recompute_stop_ids"] = greedy_generate(student, prompts, N_NEW, (unused, eos), PAD, groups)
 
     # Stop string: two different consecutive characters from some greedy completion.
     stop = next(
@@ -295,6 +302,18 @@ def test_same_seed_same_rollout_and_samples_differ_from_greedy(results):
     assert tp1["sampled_again"].completion_ids == tp1["sampled"].completion_ids
     assert tp1["sampled_again"].logprobs == tp1["sampled"].logprobs
     assert tp1["sampled"].completion_ids != tp1["greedy"].completion_ids
+
+
+def test_any_end_id_ends_a_row(results):
+    """``stop_ids`` end a row like ``eos_id`` (kept, reason "eos"); the recompute decoder agrees."""
+    tp1 = results["tp1"]
+    eos = tp1["eos_id"]
+    assert tp1["stop_ids"].completion_ids == tp1["eos"].completion_ids
+    assert tp1["stop_ids"].finish_reason == tp1["eos"].finish_reason
+    assert "eos" in tp1["stop_ids"].finish_reason
+    assert tp1["recompute_stop_ids"] == [
+        c[:-1] if c and c[-1] == eos else c for c in tp1["eos"].completion_ids
+    ]
 
 
 def test_eos_stops_one_row_and_the_others_continue(results):
