@@ -3,7 +3,7 @@
 from opd_megatron.teachers.base import Teacher, TeacherError, TeacherTargets, TopKTargets
 from opd_megatron.teachers.colocated import MegatronTeacher, build_colocated_teacher
 from opd_megatron.teachers.remote import RemoteTeacher, RemoteTeacherClient
-from opd_megatron.teachers.self_teacher import SelfTeacher, privileged_prompt
+from opd_megatron.teachers.self_teacher import SelfTeacher, privileged_prompt, privileged_row
 
 __all__ = [
     "MegatronTeacher",
@@ -16,4 +16,5 @@ __all__ = [
     "TopKTargets",
     "build_colocated_teacher",
     "privileged_prompt",
+    "privileged_row",
 ]

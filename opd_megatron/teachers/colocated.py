@@ -25,7 +25,7 @@ def right_pad(seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
 
 
 class MegatronTeacher(Teacher):
-    """Scores with a Megatron GPTModel; ``prompt_view`` may give the teacher a different prompt text
+    """Scores with a Megatron GPTModel; ``teacher_prompt(row)`` may give the teacher other prompt ids
     than the student saw (None: the student's own prompt token ids)."""
 
     dense = True
@@ -36,8 +36,7 @@ class MegatronTeacher(Teacher):
         model,
         groups: ParallelGroups,
         pad_id: int,
-        encode_prompt: Callable[[str], list[int]] | None = None,
-        prompt_view: Callable[[PromptRow], str] | None = None,
+        teacher_prompt: Callable[[PromptRow], list[int]] | None = None,
         vocab_rows: tuple[int, int] | None = None,
         offload_when_idle: bool = False,
     ):
@@ -46,7 +45,7 @@ class MegatronTeacher(Teacher):
         self.offload = offload_when_idle and groups.device.type == "cuda"
         if self.offload:
             model.to("cpu")
-        self.encode_prompt, self.prompt_view = encode_prompt, prompt_view
+        self.teacher_prompt = teacher_prompt
         # Rows of this rank's output-layer shard that match the student's vocabulary shard (a teacher at a
         # smaller TP holds a wider shard than the student rank it serves).
         self.vocab_rows = vocab_rows
@@ -54,9 +53,9 @@ class MegatronTeacher(Teacher):
         self.tokens_scored = 0
 
     def _teacher_prompts(self, rows, prompt_ids) -> list[list[int]]:
-        if self.prompt_view is None:
+        if self.teacher_prompt is None:
             return prompt_ids
-        return [self.encode_prompt(self.prompt_view(r)) for r in rows]
+        return [self.teacher_prompt(r) for r in rows]
 
     @torch.no_grad()
     def score(self, rows, prompt_ids, completion_ids) -> TeacherTargets | None:

@@ -11,20 +11,27 @@ from __future__ import annotations
 import torch
 
 from opd_megatron.data.jsonl import PromptRow
+from opd_megatron.data.render import with_hint
 from opd_megatron.teachers.colocated import MegatronTeacher
 
 
+def privileged_row(row: PromptRow, source: str = "reference") -> PromptRow:
+    """The teacher's view of a row: the hint (the row's reference answer for ``source="reference"``, else
+    its ``privileged`` text) and a newline before the prompt; for a ``messages`` row, before its last user
+    message, so the rest of the conversation and the chat template stay as the student sees them. Rows
+    without a hint are unchanged."""
+    return with_hint(row, row.reference if source == "reference" else row.privileged)
+
+
 def privileged_prompt(row: PromptRow, source: str = "reference") -> str:
-    """The teacher's view: ``"<hint>\\n<prompt>"``, the hint being the row's reference answer
-    (``source="reference"``) or its ``privileged`` text; rows without it keep the plain prompt."""
-    hint = row.reference if source == "reference" else row.privileged
-    if not hint:
-        return row.prompt
-    return f"{hint}\n{row.prompt}"
+    """The prompt text of :func:`privileged_row`: ``"<hint>\\n<prompt>"`` (the plain prompt without a hint)."""
+    return privileged_row(row, source).prompt
 
 
 class SelfTeacher(MegatronTeacher):
-    """A frozen copy of the student (same architecture) that tracks it by EMA or periodic refresh."""
+    """A frozen copy of the student (same architecture) that tracks it by EMA or periodic refresh.
+    ``render(row)`` gives prompt ids the student's way (its chat template); the teacher gets
+    ``render(privileged_row(row))``."""
 
     def __init__(
         self,
@@ -32,14 +39,14 @@ class SelfTeacher(MegatronTeacher):
         model,
         groups,
         pad_id,
-        encode_prompt,
+        render,
         *,
         mode="frozen",
         ema_rate=0.99,
         refresh_every=50,
         source="reference",
     ):
-        super().__init__(name, model, groups, pad_id, encode_prompt, lambda r: privileged_prompt(r, source))
+        super().__init__(name, model, groups, pad_id, lambda r: render(privileged_row(r, source)))
         self.mode, self.ema_rate, self.refresh_every = mode, ema_rate, refresh_every
 
     @torch.no_grad()

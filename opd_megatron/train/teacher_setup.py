@@ -4,7 +4,6 @@ the student that sees the row's privileged text."""
 from __future__ import annotations
 
 from opd_megatron.config import RunConfig
-from opd_megatron.data.rows import PromptRow
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.gpt import build_gpt_model, num_parameters
 from opd_megatron.mopd import build_teachers
@@ -17,7 +16,7 @@ def build_run_teachers(
     cfg: RunConfig, groups: ParallelGroups, tokenizer, student, render
 ) -> dict[str, Teacher]:
     """Teachers by name in config order. ``render(row)`` gives the student's prompt ids (a
-    self-distillation teacher sees its privileged text rendered the same way, as one user turn)."""
+    self-distillation teacher sees the row with its privileged text rendered the same way)."""
     t = cfg.teachers[0]
     if t.placement != "self":
         return build_teachers(cfg, groups, tokenizer)
@@ -27,7 +26,7 @@ def build_run_teachers(
         model,
         groups,
         tokenizer.pad_id,
-        lambda text: render(PromptRow(prompt=text, domain="")),
+        render,
         mode=t.self_mode,
         ema_rate=t.ema_rate,
         refresh_every=t.refresh_every,

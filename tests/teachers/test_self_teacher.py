@@ -12,7 +12,7 @@ from opd_megatron.teachers import SelfTeacher, privileged_prompt
 def _teacher(mode: str, **kw) -> tuple[SelfTeacher, torch.nn.Linear]:
     student = torch.nn.Linear(3, 2)
     copy = torch.nn.Linear(3, 2)
-    teacher = SelfTeacher("self", copy, None, 0, lambda text: [], mode=mode, **kw)
+    teacher = SelfTeacher("self", copy, None, 0, lambda row: [], mode=mode, **kw)
     teacher.sync_from(student)
     return teacher, student
 
@@ -63,3 +63,24 @@ def test_refresh_copies_every_k_steps():
 )
 def test_privileged_view(row, source, expected):
     assert privileged_prompt(row, source) == expected
+
+
+def test_a_messages_row_keeps_its_conversation_for_the_teacher():
+    """The hint goes before the last user message; the system prompt and earlier turns stay, and the
+    teacher's prompt is rendered by the student's own renderer."""
+    from opd_megatron.data.rows import Message
+
+    seen = []
+    teacher = SelfTeacher(
+        "self", torch.nn.Linear(3, 2), None, 0, lambda row: seen.append(row) or [7], mode="frozen"
+    )
+    history = (
+        Message("system", "Be brief."),
+        Message("user", "sort 21="),
+        Message("assistant", "12"),
+        Message("user", "sort 31="),
+    )
+    row = PromptRow("sort 31=", "sorting", reference="13", messages=history)
+    assert teacher.teacher_prompt(row) == [7]
+    assert seen[0].messages == (*history[:3], Message("user", "13\nsort 31="))
+    assert seen[0].prompt == "13\nsort 31=" and privileged_prompt(row) == "13\nsort 31="
