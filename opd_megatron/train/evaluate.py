@@ -49,6 +49,31 @@ def check_prompts(render, train_rows, eval_rows: dict, cfg) -> None:
     render.check(rows, max_prompt_tokens=limit_tokens, limit=limit)
 
 
+def check_teacher_prompts(teachers: dict, train_rows, eval_rows: dict, max_new_tokens: int) -> None:
+    """Every row renders under each cross-tokeniser teacher's own chat template and, for a co-located
+    one, leaves room for ``rollout.max_new_tokens`` in its context: checked before training, so a row a
+    teacher's template rejects stops the run at start-up (naming the teacher, file and line) instead of
+    failing a step later."""
+    from opd_megatron.data.render import PromptRenderer
+    from opd_megatron.data.rows import DataError, RowErrors
+
+    rows = list(train_rows) + [r for rs in eval_rows.values() for r in rs]
+    for name, t in teachers.items():
+        if not isinstance(t, CrossTokenizerTeacher) or not isinstance(t.teacher_prompt, PromptRenderer):
+            continue
+        model = getattr(t.inner, "model", None)
+        room, limit = None, ""
+        if model is not None:
+            room = model.max_sequence_length - max_new_tokens
+            limit = f"the teacher's max_sequence_length={model.max_sequence_length} - rollout.max_new_tokens={max_new_tokens}"
+        try:
+            t.teacher_prompt.check(rows, max_prompt_tokens=room, limit=limit)
+        except DataError as e:
+            errors = RowErrors(f"the prompts of teacher {name!r}")
+            errors.lines = [f"teacher {name!r} (its chat template): {line}" for line in e.errors]
+            errors.raise_if_any()
+
+
 def exact_match(
     model,
     tokenizer,

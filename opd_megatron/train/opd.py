@@ -49,7 +49,7 @@ from opd_megatron.train.batch import (
     padding_fraction,
     token_budget_split,
 )
-from opd_megatron.train.evaluate import OPDEvaluator, check_prompts, measure_pass_rates
+from opd_megatron.train.evaluate import OPDEvaluator, check_prompts, check_teacher_prompts, measure_pass_rates
 from opd_megatron.train.objectives import METRIC_KEYS, Objectives
 from opd_megatron.train.optim import lr_at, make_optimizer
 from opd_megatron.train.rollouts import RolloutSource
@@ -112,6 +112,7 @@ class OPDTrainer(TrainingRun):
         """The teachers, the orchestrator that routes to them, and G-OPD's reference model."""
         cfg, g, vocab = self.cfg, self.groups, self.tokenizer.vocab_size
         self.teachers = build_run_teachers(cfg, g, self.tokenizer, self.student, self.prompt_fn)
+        check_teacher_prompts(self.teachers, self.train_rows, self.eval_rows, cfg.rollout.max_new_tokens)
         self.teacher = self.teachers[default_teacher(cfg)]
         """The default teacher: the one of single-teacher features (mixed sampling, off-policy samples)."""
         pass_rates = None
