@@ -70,9 +70,9 @@ class OPDBatch:
     """The first ``n_on`` rollouts are the student's own samples."""
     empty: int = 0
     """Rollouts dropped because their completion was empty."""
-    pass_at_n: float | None = None
-    """With several samples per prompt: the share of prompts (of verifiable domains) with at least one
-    correct on-policy sample."""
+    pass_counts: tuple[int, int] = (0, 0)
+    """With several samples per prompt: (prompts with at least one correct on-policy sample, prompts of
+    verifiable domains) on this rank; pass@n is their ratio summed over data-parallel ranks."""
 
     @property
     def tokens(self) -> int:

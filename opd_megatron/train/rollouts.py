@@ -77,7 +77,7 @@ class RolloutSource:
             behaviour += ro.logprobs
             weights += ro.importance_weights or [[1.0] * len(c) for c in ro.completion_ids]
         comps += self._off_policy(rows[n_on:], prompts[n_on:], params)
-        pass_n = self.pass_at_n(rows[:n_on], comps[:n_on])
+        pass_n = self.pass_counts(rows[:n_on], comps[:n_on])
         for c in comps[len(behaviour) :]:
             behaviour.append([0.0] * len(c))
             weights.append([1.0] * len(c))
@@ -86,21 +86,22 @@ class RolloutSource:
         n_on_kept = sum(1 for i in keep if i < n_on)
         return OPDBatch(
             pick(rows), pick(prompts), pick(comps), pick(behaviour), pick(weights), lam, n_on_kept,
-            empty=len(comps) - len(keep), pass_at_n=pass_n,
+            empty=len(comps) - len(keep), pass_counts=pass_n,
         )  # fmt: skip
 
-    def pass_at_n(self, rows: list[PromptRow], comps: list[list[int]]) -> float | None:
-        """pass@n over groups of ``samples_per_prompt`` consecutive samples of one prompt (rows of
-        verifiable domains only); None with one sample per prompt or nothing verifiable."""
+    def pass_counts(self, rows: list[PromptRow], comps: list[list[int]]) -> tuple[int, int]:
+        """(groups with at least one verified sample, groups) over groups of ``samples_per_prompt``
+        consecutive samples of one prompt, rows of verifiable domains only; (0, 0) with one sample per
+        prompt."""
         n = self.samples_per_prompt
         if n == 1:
-            return None
+            return (0, 0)
         hits = [
             any(verify(rows[i], self.tokenizer.decode(c)) for c in comps[i : i + n])
             for i in range(0, len(rows) - n + 1, n)
             if rows[i].domain in DOMAINS
         ]
-        return sum(hits) / len(hits) if hits else None
+        return (sum(hits), len(hits))
 
     def _off_policy(self, rows: list[PromptRow], prompts: list[list[int]], params) -> list[list[int]]:
         if not rows:

@@ -254,11 +254,11 @@ def _samples_per_prompt(rank, out, ckpts):
     for i in range(0, len(prompts), 4):  # the hand count: a prompt passes if any of its 4 samples verifies
         row = next(r for r in trainer.train_rows if trainer.prompt_fn(r) == prompts[i])
         rows.append(any(verify(row, trainer.tokenizer.decode(c)) for c in comps[i : i + 4]))
-    return len(calls), prompts, rec, sum(rows) / len(rows)
+    return len(calls), prompts, comps, rec, sum(rows) / len(rows)
 
 
 def test_samples_per_prompt_samples_each_prompt_n_times_in_one_call_with_pass_at_n(tmp_path, teacher_ckpt):
-    n_calls, prompts, rec, hand = run_ranks(
+    n_calls, prompts, comps, rec, hand = run_ranks(
         _samples_per_prompt, 1, timeout=300, args=(str(tmp_path), teacher_ckpt)
     )[0]
     assert n_calls == 1 and len(prompts) == 16  # the batch counts rollouts: 4 prompts x 4 samples
@@ -266,6 +266,8 @@ def test_samples_per_prompt_samples_each_prompt_n_times_in_one_call_with_pass_at
         assert prompts[i] == prompts[i + 1] == prompts[i + 2] == prompts[i + 3]
     assert len({tuple(p) for p in prompts}) == 4
     assert rec["pass@4"] == pytest.approx(hand)
+    # Four samples of one prompt are four draws, not one sample repeated.
+    assert any(len({tuple(c) for c in comps[i : i + 4]}) > 1 for i in range(0, 16, 4))
 
 
 def _always_nan(rank, out, ckpts):
