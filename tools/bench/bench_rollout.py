@@ -7,7 +7,10 @@ of mixed-length prompts three ways:
   the model at every step (the baseline);
 * ``kv greedy``: :class:`~opd_megatron.rollout.sampler.MegatronSampler` at temperature 0, which must give
   the same tokens (checked);
-* ``kv sample``: the same sampler at temperature 1 with top-p 0.95 (the sampling path).
+* ``kv sample``: the same sampler at temperature 1 with top-p 0.95 (the sampling path);
+* ``megatron greedy`` / ``megatron sample``: the same two with ``lean_decode=False``, i.e. every decode
+  step through Megatron-core's own modules instead of the lean decode path
+  (:mod:`opd_megatron.rollout.lean_decode`); both must give identical rollouts (checked).
 
 With ``--compare-to REV`` the KV-cache sampler of git revision ``REV`` (its ``rollout/sampler.py``, on
 today's other modules) also runs, interleaved with today's (A, B, A, B, ...), so "before" and "after"
@@ -115,9 +118,14 @@ def bench_size(groups, hidden: int, layers: int, args) -> dict:
     )
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     sample = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.95, seed=0)
+    megatron = MegatronSampler(
+        model, groups, eos_id=eos, pad_id=pad, max_batch_size=args.batch, lean_decode=False
+    )
     fns = {
         "kv_greedy": lambda: sampler.generate(prompts, greedy),
         "kv_sample": lambda: sampler.generate(prompts, sample),
+        "megatron_greedy": lambda: megatron.generate(prompts, greedy),
+        "megatron_sample": lambda: megatron.generate(prompts, sample),
     }
     if args.compare_to:
         before = _sampler_at(args.compare_to)(
@@ -148,7 +156,22 @@ def bench_size(groups, hidden: int, layers: int, args) -> dict:
         "kv_greedy_tok_s": args.batch * steps / t_kv,
         "kv_sample_tok_s": args.batch * steps_sample / t_sample,
         "speedup_greedy": t_rec / t_kv,
+        "megatron_greedy_tok_s": args.batch * steps / timed["megatron_greedy"][0],
+        "megatron_sample_tok_s": args.batch * steps_sample / timed["megatron_sample"][0],
+        "lean_over_megatron_greedy": timed["megatron_greedy"][0] / t_kv,
+        "lean_over_megatron_sample": timed["megatron_sample"][0] / t_sample,
+        **_lean_check(ro, ro_s, timed["megatron_greedy"][1], timed["megatron_sample"][1]),
         **_before(timed, ro, ro_s, args),
+    }
+
+
+def _lean_check(ro, ro_s, mg, mg_s) -> dict:
+    """Lean decode vs Megatron's forward: the same tokens, and the largest log-prob difference."""
+    pairs = ((ro, mg), (ro_s, mg_s))
+    diffs = [abs(x - y) for a, b in pairs for la, lb in zip(a.logprobs, b.logprobs) for x, y in zip(la, lb)]
+    return {
+        "lean_same_tokens": all(a.completion_ids == b.completion_ids for a, b in pairs),
+        "lean_max_logprob_diff": max(diffs, default=0.0),
     }
 
 
@@ -215,6 +238,12 @@ def main() -> None:
             f"{r['hidden']:>6} {r['layers']:>6} {r['params']:>9} {r['decode_steps']:>5} "
             f"{r['recompute_tok_s']:>15.0f} {r['kv_greedy_tok_s']:>15.0f} {r['kv_sample_tok_s']:>15.0f} "
             f"{r['speedup_greedy']:>11.2f}x {str(r['greedy_tokens_equal']):>11}"
+        )
+        print(
+            f"{'':>6} {'lean':>6} decode path vs Megatron's forward: greedy "
+            f"{r['lean_over_megatron_greedy']:.2f}x, sample {r['lean_over_megatron_sample']:.2f}x "
+            f"(Megatron: {r['megatron_greedy_tok_s']:.0f} / {r['megatron_sample_tok_s']:.0f} tok/s); same tokens: "
+            f"{r['lean_same_tokens']}, max log-prob difference {r['lean_max_logprob_diff']:.1e}"
         )
         if "compare_to" in r:
             print(
