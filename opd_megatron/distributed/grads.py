@@ -112,6 +112,15 @@ def dp_sum(value: float, groups: ParallelGroups) -> float:
     return float(t.item())
 
 
+def dp_ratio(numerator: float, denominator: float, groups: ParallelGroups) -> float | None:
+    """``sum(numerator) / sum(denominator)`` over the data-parallel replicas (e.g. pass@n from each
+    rank's passing and verifiable prompts); ``None`` when the denominators sum to 0. Every replica must
+    call it, also one with nothing to count."""
+    t = torch.tensor([float(numerator), float(denominator)], dtype=torch.float64, device=groups.device)
+    num, den = dp_sum_(t, groups).tolist()
+    return num / den if den > 0 else None
+
+
 def dp_sum_(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     """Sum ``t`` over the data-parallel replicas in place."""
     if groups.dp_size > 1:

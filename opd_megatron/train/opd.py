@@ -25,7 +25,7 @@ from opd_megatron.config import RunConfig, validate_opd
 from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups, init_distributed
-from opd_megatron.distributed.grads import all_finite, dp_sum, dp_sum_
+from opd_megatron.distributed.grads import all_finite, dp_ratio, dp_sum
 from opd_megatron.distributed.pipeline import broadcast_from_last_stage
 from opd_megatron.losses import gather_logprobs
 from opd_megatron.models.checkpoint import load_model_weights
@@ -304,12 +304,9 @@ class OPDTrainer(TrainingRun):
         if cross:
             out.update(alignment_stats(cross))
         n = self.cfg.rollout.samples_per_prompt
-        if n > 1:  # every rank takes part, also one without verifiable rows
-            hits_2 = dp_sum_(
-                torch.tensor(batch.pass_counts, dtype=torch.float64, device=self.groups.device), self.groups
-            )
-            if hits_2[1] > 0:
-                out[f"pass@{n}"] = float(hits_2[0] / hits_2[1])
+        # Every rank takes part, also one without verifiable rows.
+        if n > 1 and (rate := dp_ratio(*batch.pass_counts, self.groups)) is not None:
+            out[f"pass@{n}"] = rate
         gen, t_roll = batch.generated_tokens, rec["time_rollout"]
         out.update(
             share_rollout=t_roll / t_step,

@@ -59,3 +59,21 @@ def test_expert_gradients_stay_with_their_experts_and_dense_ones_are_summed():
     dense_sq = sum(float((torch.tensor(a0[n]).double() ** 2).sum()) for n in ex if not ex[n])
     expert_sq = sum(sq0[n] for n in ex if ex[n]) + sum(sq1[n] for n in ex if ex[n])
     assert n0 == pytest.approx(n1) == pytest.approx(math.sqrt(dense_sq + expert_sq), rel=1e-6)
+
+
+def _ratio(rank):
+    from opd_megatron.config import ParallelConfig
+    from opd_megatron.distributed import init_distributed
+    from opd_megatron.distributed.grads import dp_ratio
+
+    groups = init_distributed(ParallelConfig())
+    # Rank 0: 1 of 3 prompts pass; rank 1: 2 of 2; then a step where only rank 1 has anything to count.
+    first = dp_ratio(*((1, 3) if rank == 0 else (2, 2)), groups)
+    second = dp_ratio(*((0, 0) if rank == 0 else (1, 4)), groups)
+    nothing = dp_ratio(0, 0, groups)
+    return first, second, nothing
+
+
+def test_dp_ratio_sums_numerators_and_denominators_over_replicas():
+    for first, second, nothing in run_ranks(_ratio, 2, timeout=120):
+        assert first == pytest.approx(3 / 5) and second == pytest.approx(1 / 4) and nothing is None
