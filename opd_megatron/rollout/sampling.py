@@ -92,6 +92,8 @@ def choose_greedy(logits_BV: torch.Tensor, shard: VocabShard) -> tuple[torch.Ten
     logits_BV = logits_BV.float()
     max_B, idx_B = logits_BV.max(dim=-1)
     lse_B = torch.logsumexp(logits_BV, dim=-1)
+    if shard.tp_size == 1:  # one shard: nothing to gather (same values as the gathered path)
+        return idx_B + shard.start, max_B.double() - lse_B.double()
     local_B3 = torch.stack([max_B.double(), (idx_B + shard.start).double(), lse_B.double()], dim=-1)
     g_RB3 = shard.gather_rows(local_B3)
     val_B, tok_B = _pick_rank(g_RB3[..., 0], g_RB3[..., 0], g_RB3[..., 1])
@@ -106,11 +108,13 @@ def choose_gumbel(
 
     ``shard_generator`` must differ between TP ranks (each perturbs its own shard independently).
     """
-    scaled_BV = logits_BV.float() / temperature
+    scaled_BV = logits_BV.float() / temperature if temperature != 1.0 else logits_BV.float()
     perturbed_BV = scaled_BV + gumbel_noise(scaled_BV, shard_generator)
     pert_B, idx_B = perturbed_BV.max(dim=-1)
     scaled_at_B = scaled_BV.gather(-1, idx_B.unsqueeze(-1)).squeeze(-1)
     lse_B = torch.logsumexp(scaled_BV, dim=-1)
+    if shard.tp_size == 1:  # one shard: nothing to gather (same values as the gathered path)
+        return idx_B + shard.start, scaled_at_B.double() - lse_B.double()
     local_B4 = torch.stack(
         [pert_B.double(), (idx_B + shard.start).double(), scaled_at_B.double(), lse_B.double()], dim=-1
     )
