@@ -24,8 +24,11 @@ def attend(q_BHSD, k_BHSD, v_BHSD, attention_mask=None, scale=None, dropout: flo
         return F.scaled_dot_product_attention(
             q_BHSD, k_BHSD, v_BHSD, is_causal=True, dropout_p=dropout, scale=scale, **gqa
         )
-    if attention_mask is None and sq == 1:  # one decode step: the last query sees every cached key
-        return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, dropout_p=dropout, scale=scale, **gqa)
+    if sq == 1:  # one decode step: the last query sees every cached key but the masked ones
+        allowed = None if attention_mask is None else ~attention_mask
+        return F.scaled_dot_product_attention(
+            q_BHSD, k_BHSD, v_BHSD, attn_mask=allowed, dropout_p=dropout, scale=scale, **gqa
+        )
     # Queries are the last sq positions of the sk keys (decode against a cache): the causal mask is
     # aligned bottom-right, which is_causal=True (top-left) would get wrong.
     allowed_SK = torch.ones(sq, sk, dtype=torch.bool, device=q_BHSD.device).tril(diagonal=sk - sq)

@@ -199,7 +199,10 @@ class LeanStage:
     def forward(self, input_ids_BS, attention_mask=None, input_tensor=None) -> torch.Tensor:
         """Hidden states ``[s, b, h]`` of the new positions; writes their keys and values to the cache."""
         m = self.model
-        if m.pre_process:
+        if m.pre_process and self.tp_group is None and m.embedding.tokentype_embeddings is None:
+            # One vocabulary shard, RoPE (no position table): the embedding is a row lookup.
+            h_BSH = F.embedding(input_ids_BS, m.embedding.word_embeddings.weight)
+        elif m.pre_process:
             h_BSH = m.embedding(input_ids=input_ids_BS, position_ids=None).transpose(0, 1)
         else:
             h_BSH = input_tensor.transpose(0, 1)
