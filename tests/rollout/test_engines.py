@@ -28,6 +28,8 @@ def _job(rank: int, with_vllm: bool) -> dict:
     out = {}
     megatron = build_sampler(RunConfig(model=model_cfg), model, groups, tok)
     out["megatron"] = (type(megatron).__name__, after_optimizer_step(megatron, model))
+    no_lean = from_dict(RunConfig, {**base, "rollout": {"lean_decode": False}})
+    out["lean"] = (megatron.lean_decode, build_sampler(no_lean, model, groups, tok).lean_decode)
     mixed = from_dict(RunConfig, {**base, "rollout": {"engine": "vllm"}, "loss": {"mix_alpha": 0.5}})
     try:
         build_sampler(mixed, model, groups, tok)
@@ -58,6 +60,10 @@ def job():
 
 def test_megatron_is_the_default_and_needs_no_refit(job):
     assert job["megatron"] == ("MegatronSampler", {})
+
+
+def test_lean_decode_is_on_by_default_and_can_be_switched_off(job):
+    assert job["lean"] == (True, False)
 
 
 def test_vllm_refuses_teacher_mixed_sampling(job):
