@@ -1,5 +1,5 @@
-"""Qwen3, Llama-3 RoPE scaling and Qwen3-MoE: converted from tiny random ``transformers`` models built
-here, logits equal to transformers' at TP=1, TP=2 and (MoE) EP=2, exported back with identical tensors;
+"""Qwen3, Llama-3 and YaRN RoPE scaling and Qwen3-MoE: converted from tiny random ``transformers`` models
+built here, logits equal to transformers' at TP=1, TP=2 and (MoE) EP=2, exported back with identical tensors;
 HF directories materialised once into a content-keyed cache; a live model exported from TP=2 / EP=2
 loads in transformers with the same logits and greedy output. All multi-rank work runs once in a
 module-scoped fixture (process start-up dominates on CPU) and the tests check what it recorded.
@@ -8,6 +8,7 @@ module-scoped fixture (process start-up dominates on CPU) and the tests check wh
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ from tests.multirank import run_ranks
 TOKENS = 100  # the tokenizer's size
 ROWS = 120  # embedding rows of the Qwen models: more than the tokenizer has tokens
 SEQ = 10
-FAMILIES = ("qwen3", "llama3", "moe", "moe_raw")
+FAMILIES = ("qwen3", "llama3", "yarn", "moe", "moe_raw")
+YARN_ORIGINAL = 4  # YaRN's pre-training context: SEQ reaches beyond it
 WIDE = 136  # embedding rows of a second Qwen3 with the same tokenizer (the teacher of the pairing test)
 
 
@@ -71,6 +73,10 @@ def _hf_model(family: str):
         rope = dict(rope_type="llama3", rope_theta=50000.0, factor=8.0, low_freq_factor=1.0,
                     high_freq_factor=2.0, original_max_position_embeddings=16)  # fmt: skip
         return LlamaForCausalLM(LlamaConfig(**{**kw, "vocab_size": TOKENS}, rope_parameters=rope))
+    if family == "yarn":  # a Qwen3 with YaRN; mscale / mscale_all_dim give an attention factor of 1.0726
+        rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=8.0, beta_slow=0.5,
+                    mscale=0.9, mscale_all_dim=0.4, original_max_position_embeddings=YARN_ORIGINAL)  # fmt: skip
+        return Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=16, rope_parameters=rope))
     moe = dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, **moe, norm_topk_prob=family == "moe"))
 
@@ -286,16 +292,25 @@ def test_experts_are_split_over_the_ep_group(run):
     assert [r["moe_local_experts"] for r in results] == [2, 2]
 
 
-def test_rope_scaling_changes_the_logits(run):
-    """The llama3 test above would pass with scaling ignored only if it had no effect at these positions."""
-    from transformers import LlamaForCausalLM
+@pytest.mark.parametrize(
+    "family, rope",
+    [
+        ("llama3", {"rope_type": "default", "rope_theta": 50000.0}),
+        ("yarn", {"rope_type": "default", "rope_theta": 10000.0}),
+        # YaRN's frequencies without its attention factor
+        ("yarn", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 8.0, "beta_slow": 0.5,
+                  "attention_factor": 1.0, "original_max_position_embeddings": YARN_ORIGINAL}),
+    ],
+)  # fmt: skip
+def test_rope_scaling_changes_the_logits(run, family, rope):
+    """The tests above would pass with scaling (or YaRN's attention factor) ignored only if it had no
+    effect at these positions."""
+    from transformers import AutoModelForCausalLM
 
     root, ref, _ = run
-    plain = LlamaForCausalLM.from_pretrained(
-        root / "llama3", rope_parameters={"rope_type": "default", "rope_theta": 50000.0}
-    )
+    other = AutoModelForCausalLM.from_pretrained(root / family, rope_parameters=rope)
     with torch.no_grad():
-        assert (plain.eval()(_inputs()).logits - ref["llama3"]).abs().max() > 1e-2
+        assert (other.eval()(_inputs()).logits[..., :TOKENS] - ref[family]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -417,12 +432,57 @@ def test_llama3_frequencies_equal_transformers():
     torch.testing.assert_close(rope_inv_freq(cfg), expected.float(), atol=0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind, why", [("yarn", "attention factor"), ("dynamic", "sequence's length")])
-def test_unsupported_rope_scaling_says_why(kind, why):
-    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-          "intermediate_size": 48, "vocab_size": 10, "rope_parameters": {"rope_type": kind, "rope_theta": 1e4, "factor": 2.0}}  # fmt: skip
-    with pytest.raises(ConversionError, match=f"RoPE scaling '{kind}' is not supported .*{why}"):
-        model_config_from_hf(hf)
+def _llama_config(**rope) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 10, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_theta": 1e4, **rope}}  # fmt: skip
+
+
+def test_dynamic_rope_scaling_says_why():
+    with pytest.raises(ConversionError, match="RoPE scaling 'dynamic' is not supported .*sequence's length"):
+        model_config_from_hf(_llama_config(rope_type="dynamic", factor=2.0))
+
+
+@pytest.mark.parametrize(
+    "rope, fields",
+    [
+        # transformers' defaults: beta 32 / 1, attention factor from the factor alone
+        ({"factor": 4.0, "original_max_position_embeddings": 16},
+         {"rope_scaling_factor": 4.0, "rope_original_max_position": 16, "rope_yarn_beta_fast": 32.0,
+          "rope_yarn_beta_slow": 1.0, "rope_yarn_mscale": None, "rope_yarn_mscale_all_dim": None}),
+        # no factor: max_position_embeddings / original; no original: max_position_embeddings
+        ({"original_max_position_embeddings": 16}, {"rope_scaling_factor": 4.0, "rope_original_max_position": 16}),
+        ({"factor": 2.0}, {"rope_scaling_factor": 2.0, "rope_original_max_position": 64}),
+        ({"factor": 8.0, "original_max_position_embeddings": 8, "beta_fast": 16, "beta_slow": 2, "mscale": 0.7,
+          "mscale_all_dim": 0.3, "attention_factor": (1 + 0.07 * math.log(8)) / (1 + 0.03 * math.log(8))},
+         {"rope_scaling_factor": 8.0, "rope_yarn_beta_fast": 16.0, "rope_yarn_beta_slow": 2.0,
+          "rope_yarn_mscale": 0.7, "rope_yarn_mscale_all_dim": 0.3}),
+    ],
+)  # fmt: skip
+def test_yarn_settings_map_both_ways(rope, fields):
+    from opd_megatron.models.hf_convert import hf_config_from_model_config
+
+    hf = _llama_config(rope_type="yarn", **rope)
+    _, cfg = model_config_from_hf(hf)
+    assert cfg.rope_scaling == "yarn"
+    assert {k: getattr(cfg, k) for k in fields} == fields
+    for base in (hf, None):  # exported over the imported config, and from scratch
+        back = hf_config_from_model_config(cfg, 10, "LlamaForCausalLM", torch.float32, base)
+        assert back["rope_parameters" if base else "rope_scaling"]["rope_type"] == "yarn"
+        assert model_config_from_hf(back)[1] == cfg
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"factor": 4.0, "attention_factor": 2.0}, "attention_factor=2.0 differs from the 1.13863"),
+        ({"factor": 4.0, "truncate": False}, "truncate=false is not supported"),
+        ({"factor": 4.0, "beta_fast": 1.0, "beta_slow": 2.0}, "rope_yarn_beta_slow: must be in"),
+    ],
+)
+def test_yarn_settings_the_model_cannot_compute_are_refused(rope, message):
+    with pytest.raises(ConversionError, match=message):
+        model_config_from_hf(_llama_config(rope_type="yarn", **rope))
 
 
 @pytest.fixture(scope="module")
