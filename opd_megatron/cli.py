@@ -53,6 +53,21 @@ def _preflight(cfg) -> None:
     resolve_impl(cfg.model)
     if cfg.train.init_checkpoint and not is_hf_dir(cfg.train.init_checkpoint):
         resolve_checkpoint(cfg.train.init_checkpoint)
+    for i, t in enumerate(cfg.teachers):
+        if t.checkpoint and is_hf_dir(t.checkpoint) and t.placement != "vllm":
+            _check_hf_teacher(t.checkpoint, f"teachers[{i}].checkpoint")
+
+
+def _check_hf_teacher(path: str, where: str) -> None:
+    """An HF teacher directory's config.json and tokenizer files, read before any process starts (its
+    weights are checked when it is converted)."""
+    from opd_megatron.models.hf_dir import model_config_from_hf
+    from opd_megatron.models.hf_safetensors import ConversionError
+
+    try:
+        model_config_from_hf(path)
+    except ConversionError as e:
+        raise ConfigError(where, str(e)) from None
 
 
 def _load(path, overrides):

@@ -4,15 +4,14 @@ run reuses the cached conversion; bad Hugging Face inputs are one-line errors.""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.hf_model_dirs import break_hf_dir
 from tests.multirank import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,37 +105,34 @@ def test_resume_reuses_the_cached_conversion(example):
     assert "resuming at step 6" in proc.stdout
 
 
-def _broken(example: Path, tmp: Path, how: str) -> Path:
-    d = tmp / how
-    shutil.copytree(example / "teacher_hf", d)
-    cfg = json.loads((d / "config.json").read_text())
-    if how == "architecture":
-        cfg["architectures"] = ["GPT2LMHeadModel"]
-        cfg["model_type"] = "gpt2"
-    elif how == "weights":
-        cfg["num_hidden_layers"] += 1  # the safetensors hold one layer fewer
-    (d / "config.json").write_text(json.dumps(cfg))
-    if how == "tokenizer":
-        (d / "tokenizer.json").unlink()
-    return d
-
-
 @pytest.mark.parametrize(
-    "how,needle",
-    [("architecture", "GPT2LMHeadModel"), ("weights", "model.layers.3"), ("tokenizer", "tokenizer"),
-     ("contradiction", "model.num_layers")],
+    "command, how, field, needle",
+    [
+        ("sft", "architecture", "train.init_checkpoint", "config.json: unsupported architecture ['GPT2LMHeadModel']"),
+        ("sft", "weights", "train.init_checkpoint", ": tensors required by config.json are missing: model.layers.3."),
+        ("sft", "tokenizer", "train.init_checkpoint", ": no tokenizer.json or tokenizer.model"),
+        ("sft", "contradiction", "model.num_layers", "given 7 but the HF config says 3"),
+        ("run", "architecture", "teachers[0].checkpoint", "config.json: unsupported architecture ['GPT2LMHeadModel']"),
+        ("run", "tokenizer", "teachers[0].checkpoint", ": no tokenizer.json or tokenizer.model"),
+    ],
 )  # fmt: skip
-def test_bad_hugging_face_inputs_are_one_line_errors(example, tmp_path, how, needle):
-    init = example / "teacher_hf" if how == "contradiction" else _broken(example, tmp_path, how)
-    extra = ["model.num_layers=7"] if how == "contradiction" else []
-    proc = _cli(
-        "sft",
-        str(example / "sft.yaml"),
-        f"train.init_checkpoint={init}",
-        f"train.output_dir={tmp_path}/out",
-        *extra,
-    )
+def test_bad_hugging_face_inputs_are_one_line_errors(example, tmp_path, command, how, field, needle):
+    """One line naming the field and the broken directory's file (or the contradicting field); nothing
+    converted or trained."""
+    if how == "contradiction":
+        bad, extra = example / "teacher_hf", ["model.num_layers=7"]
+    else:
+        bad, extra = break_hf_dir(example / "teacher_hf", tmp_path / how, how), []
+    where = "train.init_checkpoint" if command == "sft" else "teachers.0.checkpoint"
+    config = example / ("sft.yaml" if command == "sft" else "opd.yaml")
+    proc = _cli(command, str(config), f"{where}={bad}", f"train.output_dir={tmp_path}/out", *extra)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"config error: {field}: "), proc.stderr
     assert needle in proc.stderr, proc.stderr
+    if how != "contradiction":
+        assert f"{field}: {bad}" in proc.stderr, proc.stderr  # the broken directory, then its file
     assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    if command == "run":  # rejected before anything was converted
+        assert not (tmp_path / "out" / "hf_cache").exists()
