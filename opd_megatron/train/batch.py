@@ -73,6 +73,9 @@ class OPDBatch:
     pass_at_n: float | None = None
     """With several samples per prompt: the share of prompts (of verifiable domains) with at least one
     correct on-policy sample."""
+    ended_fraction: float | None = None
+    """Share of the on-policy samples that ended at an end token (the chat template's end-of-turn or EOS)
+    rather than at ``max_new_tokens`` or a stop string; None without on-policy samples."""
 
     @property
     def tokens(self) -> int:

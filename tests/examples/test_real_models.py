@@ -41,9 +41,23 @@ def example(tmp_path_factory) -> Path:
     return root
 
 
+NEW_TOKENS = 8
+THINK_OFF = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+"""How the ChatML thinking template opens the answer with ``enable_thinking: false``."""
+
+
+def _spelled(tok, ids: list[int]) -> str:
+    """The text of ``ids`` with special tokens spelled out."""
+    pieces = [
+        tok.special_token_text(i).encode() if i in tok.special_ids else tok.token_bytes([i])[0] for i in ids
+    ]
+    return b"".join(pieces).decode()
+
+
 def _greedy_both(rank, root: str):
     """Greedy completions of held-out prompts: the exported student in transformers, and the trained
-    Megatron student from its last checkpoint."""
+    Megatron student from its last checkpoint; also the run's tokenizer settings, its rendered prompts
+    and the end-of-turn id."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -64,30 +78,61 @@ def _greedy_both(rank, root: str):
     groups = init_distributed(cfg.parallel)
     model = build_gpt_model(cfg.model, groups, tok.vocab_size)
     load_model_weights(ckpt, model)
-    ours = greedy_generate(model, prompts, 8, render.end_ids[0], tok.pad_id, groups)
+    end = render.end_ids[0]
+    ours = greedy_generate(model, prompts, NEW_TOKENS, end, tok.pad_id, groups)
     hf = AutoModelForCausalLM.from_pretrained(Path(root) / "student_export", torch_dtype=torch.float32).eval()
     theirs = []
     for p in prompts:
         out = hf.generate(
-            torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=8,
-            do_sample=False, eos_token_id=render.end_ids[0], pad_token_id=tok.pad_id,
+            torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW_TOKENS,
+            do_sample=False, eos_token_id=end, pad_token_id=tok.pad_id,
             suppress_tokens=list(range(tok.vocab_size, hf.config.vocab_size)) or None,
         )  # fmt: skip
         theirs.append(out[0, len(p) :].tolist())
-    return [list(o) for o in ours], theirs
+    run = {
+        "chat_template": cfg.tokenizer.chat_template,
+        "template_kwargs": dict(cfg.tokenizer.template_kwargs),
+        "prompts": [_spelled(tok, p) for p in prompts],
+        "end": end,
+        "im_end": tok.special_token_id("<|im_end|>"),
+    }
+    return [list(o) for o in ours], theirs, run
 
 
-def test_the_exported_student_answers_like_the_trained_one(example):
-    ours, theirs = run_ranks(_greedy_both, 1, timeout=300, args=(str(example),))[0]
+@pytest.fixture(scope="module")
+def greedy(example):
+    return run_ranks(_greedy_both, 1, timeout=300, args=(str(example),))[0]
+
+
+def test_the_exported_student_answers_like_the_trained_one(example, greedy):
+    ours, theirs, run = greedy
+    assert any(ours), "every greedy completion is empty: the comparison would say nothing"
     for a, b in zip(ours, theirs):
-        n = len(a)  # transformers keeps generating no further than the end-of-turn token either
-        assert b[:n] == a, (a, b)
+        # The Megatron greedy leaves the end token out; where it stopped before NEW_TOKENS, transformers'
+        # next token is that end token, and it stops there too.
+        assert b == (a + [run["end"]] if len(a) < NEW_TOKENS else a), (a, b)
     files = {p.name for p in (example / "student_export").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     assert (
         "chat_template.jinja" in files
         or "chat_template" in (example / "student_export" / "tokenizer_config.json").read_text()
     )
+
+
+def test_the_run_used_the_models_template_and_its_end_of_turn(example, greedy):
+    """Prompts rendered by the model's own Jinja template with ``enable_thinking: false`` (the empty think
+    block opens the answer), completions ending at ``<|im_end|>``: some rollouts of the run did."""
+    from opd_megatron.train.metrics import read_metrics
+
+    _, _, run = greedy
+    assert run["chat_template"] == "model" and run["template_kwargs"] == {"enable_thinking": False}
+    assert run["end"] == run["im_end"]
+    for text in run["prompts"]:
+        assert text.startswith("<|im_start|>system\nAnswer with the result only.<|im_end|>\n"), text
+        assert text.endswith(THINK_OFF), text
+    train = read_metrics(example / "student_opd" / "metrics.jsonl", "train")
+    ended = [r["rollout_ended_fraction"] for r in train if r.get("rollout_ended_fraction") is not None]
+    assert ended and max(ended) > 0, ended  # at least one rollout ended at <|im_end|>
 
 
 def test_resume_reuses_the_cached_conversion(example):
