@@ -48,9 +48,11 @@ def _preflight(cfg) -> None:
     """Checks that need no model: fail in a second, before Megatron-core is imported and ranks start."""
     from opd_megatron.models.checkpoint import resolve_checkpoint
     from opd_megatron.models.hf_dir import is_hf_dir
+    from opd_megatron.models.hf_export import check_export_target
     from opd_megatron.models.specs import resolve_impl
 
     resolve_impl(cfg.model)
+    check_export_target(cfg)
     if cfg.train.init_checkpoint and not is_hf_dir(cfg.train.init_checkpoint):
         resolve_checkpoint(cfg.train.init_checkpoint)
     for i, t in enumerate(cfg.teachers):

@@ -45,7 +45,11 @@ from opd_megatron.models.hf_safetensors import (
     write_shard,
 )
 
-__all__ = ["chat_template_jinja", "export_hf"]
+__all__ = ["EXPORT_MARKER", "check_export_target", "chat_template_jinja", "export_hf", "export_step"]
+
+EXPORT_MARKER = "opd_megatron_export.json"
+"""A file in a run's export naming the run (its output directory) and the step exported: what lets a
+later run replace the directory (its own earlier export) and a resumed run tell whether it is current."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -148,6 +152,7 @@ def export_hf(
     chat_template: str = "plain",
     dtype: str | None = None,
     architecture: str | None = None,
+    marker: dict | None = None,
 ) -> Path:
     """Write this rank's model stage, with every other rank's, as one HF model directory; collective.
 
@@ -156,7 +161,8 @@ def export_hf(
     :class:`~opd_megatron.tokenization.hf_tok.HFTokenizer` (then ``chat_template``, a built-in template
     name, is written as ``chat_template.jinja`` and a generation config is made from its special tokens).
     ``dtype`` defaults to ``model_cfg.params_dtype``; ``architecture`` to the source directory's, else
-    the class whose layers the model has. Returns ``out_dir``, replaced atomically if it exists.
+    the class whose layers the model has. ``marker`` (a training run's output directory and step) is
+    written as :data:`EXPORT_MARKER`. Returns ``out_dir``, replaced atomically if it exists.
     """
     out = Path(out_dir)
     staging = out.parent / f".{out.name}.partial"
@@ -206,20 +212,84 @@ def export_hf(
             architecture = architecture_for(base) if base is not None else default_architecture(model_cfg)
         hf_cfg = hf_config_from_model_config(model_cfg, rows, architecture, out_dtype, base)
         hf_cfg.update(side.get("ids", {}))
-        (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        if not (staging / "chat_template.jinja").is_file() and not _has_template(staging):
-            (staging / "chat_template.jinja").write_text(chat_template_jinja(chat_template))
-        if not (staging / "generation_config.json").is_file():
-            gen = {
-                k: hf_cfg[k]
-                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if hf_cfg.get(k) is not None
-            }
-            (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_side_files(staging, hf_cfg, chat_template, marker)
         replace_dir(staging, out)
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _write_side_files(staging: Path, hf_cfg: dict, chat_template: str, marker: dict | None) -> None:
+    """config.json, a chat template and a generation config unless the tokenizer files brought them,
+    and the run's marker."""
+    (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    if not (staging / "chat_template.jinja").is_file() and not _has_template(staging):
+        (staging / "chat_template.jinja").write_text(chat_template_jinja(chat_template))
+    if not (staging / "generation_config.json").is_file():
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        gen = {k: hf_cfg[k] for k in ids if hf_cfg.get(k) is not None}
+        (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if marker is not None:
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same directory or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        marker = json.loads((out / EXPORT_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def export_step(out: str | os.PathLike, output_dir: str | os.PathLike) -> int | None:
+    """The step of the export at ``out`` written by the run of ``output_dir``, or None (no export there,
+    or one of another run or without a marker)."""
+    marker = _read_marker(Path(out))
+    if marker is None or marker.get("output_dir") != str(Path(output_dir).resolve()):
+        return None
+    step = marker.get("step")
+    return step if isinstance(step, int) else None
+
+
+def check_export_target(cfg) -> None:
+    """``train.export_hf`` of RunConfig ``cfg`` is a directory the export may replace: not the init
+    checkpoint's or a teacher's directory (nor inside or around one), not the run's output directory or
+    one holding it, and either absent, empty, or an earlier export of this run (its marker names the
+    run's output directory). Raises a one-line ConfigError naming ``train.export_hf``."""
+    from opd_megatron.config import ConfigError
+
+    if not cfg.train.export_hf:
+        return
+    out = Path(cfg.train.export_hf).resolve()
+    sources = [("train.init_checkpoint", cfg.train.init_checkpoint)]
+    sources += [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(cfg.teachers)]
+    for field, path in sources:
+        if path and _overlaps(out, Path(path).resolve()):
+            raise ConfigError(
+                "train.export_hf", f"{out} is or overlaps {field} ({path}); the export would replace it"
+            )
+    run_dir = Path(cfg.train.output_dir).resolve()
+    if out == run_dir or out in run_dir.parents:
+        raise ConfigError("train.export_hf", f"{out} holds train.output_dir ({run_dir}); choose another")
+    if out.exists() and not out.is_dir():
+        raise ConfigError("train.export_hf", f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and _read_marker(out) is None:
+        raise ConfigError(
+            "train.export_hf",
+            f"{out} is a non-empty directory that is no export of this project; the export would replace "
+            "it: choose another directory or empty it",
+        )
+    marker = _read_marker(out) if out.is_dir() else None
+    if marker is not None and marker.get("output_dir") != str(run_dir):
+        raise ConfigError(
+            "train.export_hf",
+            f"{out} holds the export of another run ({marker.get('output_dir')}); choose another directory",
+        )
 
 
 def _has_template(directory: Path) -> bool:

@@ -170,7 +170,8 @@ def test_bad_hugging_face_inputs_are_one_line_errors(example, tmp_path, command,
         bad, extra = break_hf_dir(example / "teacher_hf", tmp_path / how, how), []
     where = "train.init_checkpoint" if command == "sft" else "teachers.0.checkpoint"
     config = example / ("sft.yaml" if command == "sft" else "opd.yaml")
-    proc = _cli(command, str(config), f"{where}={bad}", f"train.output_dir={tmp_path}/out", *extra)
+    out = [f"train.output_dir={tmp_path}/out", f"train.export_hf={tmp_path}/export"]
+    proc = _cli(command, str(config), f"{where}={bad}", *out, *extra)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"config error: {field}: "), proc.stderr
