@@ -12,15 +12,16 @@ from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.tokenization.train_local import write_hf_tokenizer_dir
 
 
-def tiny_qwen3_dir(path: Path, seed: int = 0, layers: int = 2, **config) -> Path:
+def tiny_qwen3_dir(path: Path, seed: int = 0, layers: int = 2, extra_rows: int = 0, **config) -> Path:
     """A random Qwen3 (hidden 32, 4 heads of 8, 2 key/value heads, tied) with its tokenizer next to it;
-    ``config`` overrides Qwen3Config fields. The embedding has as many rows as the tokenizer has ids."""
+    ``config`` overrides Qwen3Config fields. The embedding has ``extra_rows`` rows more than the tokenizer
+    has ids (as Qwen checkpoints do)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     path = Path(path)
     write_hf_tokenizer_dir(path)
-    vocab = load_tokenizer(TokenizerConfig(kind="hf", path=str(path))).vocab_size
+    vocab = load_tokenizer(TokenizerConfig(kind="hf", path=str(path))).vocab_size + extra_rows
     torch.manual_seed(seed)
     kw = dict(
         vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,

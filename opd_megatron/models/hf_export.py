@@ -9,9 +9,12 @@ template, and renames the staging directory into place, so ``out_dir`` appears c
 Peak memory per writer: one full (TP-gathered) parameter at a time on top of the model.
 
 Embedding rows: the export writes ``max(model.vocab_size, real vocabulary)`` rows, the checkpoint's row
-count when the model came from one with more rows than its tokenizer. Rows the live model does not hold
-(it keeps only the tokenizer's rows, see :mod:`opd_megatron.models.gpt`) are written as zeros; no
-token id a tokenizer produces reaches them.
+count when the model came from one with more rows than its tokenizer. The live model holds only the
+tokenizer's rows (see :mod:`opd_megatron.models.gpt`); the rows after them are the source checkpoint's
+own, unchanged, when the model came from a Hugging Face directory (``beyond_tokenizer``: what conversion
+kept of them, :data:`~opd_megatron.models.hf_dir.BEYOND_TOKENIZER_DIR`), else zeros. No token id the
+tokenizer produces reaches them either way; zero output rows give those ids logit 0 in transformers or
+vLLM, so a sampler that does not suppress ids beyond the tokenizer can draw them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from opd_megatron.models.hf_safetensors import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     ConversionError,
+    HFWeights,
     PlannedTensor,
     copy_files,
     replace_dir,
@@ -89,7 +93,21 @@ def _gather_tp(local: torch.Tensor, kind: str, tp_dim: int | None, groups: Paral
     return torch.cat(parts, dim=tp_dim)
 
 
-def _my_tensors(model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtype: torch.dtype, writer: bool):
+def _vocab_rows(full_VH: torch.Tensor, name: str, rows: int, real_vocab: int, beyond) -> torch.Tensor:
+    """The ``rows`` HF rows of a vocabulary parameter: the model's rows of the tokenizer's ids, then the
+    source's own rows beyond them (``beyond``: HFWeights, when it has them for exactly these rows), else
+    the model's padding rows and zeros."""
+    if beyond is not None and name in beyond and beyond.shape(name) == (rows - real_vocab, full_VH.shape[1]):
+        return torch.cat([full_VH[:real_vocab], beyond.read(name).to(full_VH.dtype)])
+    full_VH = full_VH[:rows]
+    if full_VH.shape[0] < rows:  # rows beyond those the model holds: unreachable, zero
+        full_VH = torch.cat([full_VH, full_VH.new_zeros(rows - full_VH.shape[0], full_VH.shape[1])])
+    return full_VH
+
+
+def _my_tensors(
+    model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtype: torch.dtype, writer: bool, beyond=None
+):
     """HF name -> tensor for what this rank's (stage, EP rank) owns; only the writer keeps them.
 
     Non-writer TP ranks still take part in every all-gather. Collective over the TP group, in the same
@@ -105,10 +123,8 @@ def _my_tensors(model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtyp
         if not writer or tied_copy or not (is_expert or owns_dense):
             continue
         if link.kind == "vocab":
-            full_VH = full[:rows]
-            if full_VH.shape[0] < rows:  # rows beyond those the model holds: unreachable, zero
-                full_VH = torch.cat([full_VH, full_VH.new_zeros(rows - full_VH.shape[0], full_VH.shape[1])])
-            out[link.hf_names[0]] = full_VH.to(dtype).contiguous()
+            name = link.hf_names[0]
+            out[name] = _vocab_rows(full, name, rows, model.real_vocab_size, beyond).to(dtype).contiguous()
             continue
         for name, tensor in zip(link.hf_names, split_fused(link, full, cfg, rows)):
             out[name] = tensor.to(dtype).contiguous()
@@ -153,6 +169,7 @@ def export_hf(
     dtype: str | None = None,
     architecture: str | None = None,
     marker: dict | None = None,
+    beyond_tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """Write this rank's model stage, with every other rank's, as one HF model directory; collective.
 
@@ -162,7 +179,8 @@ def export_hf(
     name, is written as ``chat_template.jinja`` and a generation config is made from its special tokens).
     ``dtype`` defaults to ``model_cfg.params_dtype``; ``architecture`` to the source directory's, else
     the class whose layers the model has. ``marker`` (a training run's output directory and step) is
-    written as :data:`EXPORT_MARKER`. Returns ``out_dir``, replaced atomically if it exists.
+    written as :data:`EXPORT_MARKER`. ``beyond_tokenizer``: a directory of the source checkpoint's rows
+    beyond the tokenizer (see the module docstring). Returns ``out_dir``, replaced atomically if it exists.
     """
     out = Path(out_dir)
     staging = out.parent / f".{out.name}.partial"
@@ -179,7 +197,8 @@ def export_hf(
         staging.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    tensors = _my_tensors(model, model_cfg, groups, rows, out_dtype, writer)
+    beyond = HFWeights(beyond_tokenizer) if beyond_tokenizer is not None and writer else None
+    tensors = _my_tensors(model, model_cfg, groups, rows, out_dtype, writer, beyond)
     weight_map: dict[str, str] = {}
     if writer:
         fname = (

@@ -159,9 +159,10 @@ class TrainingRun:
         the run's ``hf`` tokenizer."""
         tok = Path(self.hf_init.checkpoint) / "hf" if self.hf_init is not None else self.tokenizer
         marker = {"output_dir": str(self.out_dir.resolve()), "step": step, "name": self.cfg.name}
+        beyond = self.hf_init.beyond_tokenizer if self.hf_init is not None else None
         path = export_hf(
             self.model, self.cfg.model, tok, out, self.groups, chat_template=self.cfg.tokenizer.chat_template,
-            marker=marker,
+            marker=marker, beyond_tokenizer=beyond,
         )  # fmt: skip
         if self.groups.is_main:
             print(f"exported {self.kind} {self.cfg.name} as a Hugging Face model: {path}", flush=True)

@@ -140,13 +140,14 @@ def _run_all(rank, root):
         return init_distributed(ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep))
 
     groups = layout(tp=2)
-    ckpt = {}
+    ckpt, beyond = {}, {}
     for fam in FAMILIES:
         m = materialise(
             root / fam, groups, root / "cache", where=f"teachers[{FAMILIES.index(fam)}].checkpoint"
         )
-        ckpt[fam] = m.checkpoint
+        ckpt[fam], beyond[fam] = m.checkpoint, m.beyond_tokenizer
         out[f"{fam}_converted"] = m.converted
+    out["beyond"] = {k: str(v) if v else None for k, v in beyond.items()}
     out["again"] = materialise(root / "qwen3", groups, root / "cache").converted
     out["pairing"] = _pair_through_registry(
         groups, ckpt["qwen3"], materialise(root / "wide", groups, root / "cache")
@@ -160,6 +161,10 @@ def _run_all(rank, root):
     out["live_rows"] = (live.real_vocab_size, live.padded_vocab_size)
     out["qwen3_greedy"] = _greedy(live, groups, ids)
     export_hf(live, live_cfg(ckpt["qwen3"]), ckpt["qwen3"] / "hf", root / "qwen3_live", groups)
+    export_hf(
+        live, live_cfg(ckpt["qwen3"]), ckpt["qwen3"] / "hf", root / "qwen3_live_rows", groups,
+        beyond_tokenizer=beyond["qwen3"],
+    )  # fmt: skip
 
     groups = layout(tp=1, ep=2)
     for fam in ("moe", "moe_raw"):
@@ -378,6 +383,21 @@ def test_live_export_loads_in_transformers_with_same_logits_and_greedy(run, fami
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False)
     assert text.startswith("<|im_start|>user\nw5<|im_end|>")
+
+
+def test_rows_beyond_the_tokenizer_come_back_from_the_source(run):
+    """Conversion keeps the source's rows beyond the tokenizer; an export given them writes them back
+    unchanged (a round trip through training leaves them as they were); without them they are zeros."""
+    root, _, results = run
+    beyond = results[0]["beyond"]
+    assert beyond["llama3"] is None  # as many rows as tokens: nothing to keep
+    assert HFWeights(beyond["qwen3"]).names() == ["model.embed_tokens.weight"]  # tied: no lm_head
+    name = "model.embed_tokens.weight"
+    source, kept, zeros = (HFWeights(root / d).read(name) for d in ("qwen3", "qwen3_live_rows", "qwen3_live"))
+    assert kept.shape == source.shape == (ROWS, 32)
+    assert torch.equal(kept[TOKENS:], source[TOKENS:]) and source[TOKENS:].abs().sum() > 0
+    torch.testing.assert_close(kept[:TOKENS], zeros[:TOKENS], atol=0, rtol=0)
+    assert not zeros[112:].any()  # past the live model's padded rows
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama3"])

@@ -17,10 +17,12 @@ from opd_megatron.models.hf_safetensors import HFWeights
 from tests.hf_model_dirs import tiny_qwen3_dir
 from tests.multirank import run_ranks
 
+EXTRA = 24  # embedding rows beyond the tokenizer's ids
+
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return tiny_qwen3_dir(tmp_path_factory.mktemp("export") / "qwen3", seed=4)
+    return tiny_qwen3_dir(tmp_path_factory.mktemp("export") / "qwen3", seed=4, extra_rows=EXTRA)
 
 
 def _cfg(root: Path, export: Path, init: Path | None = None, teacher: Path | None = None) -> RunConfig:
@@ -148,3 +150,7 @@ def test_finished_run_exports_when_the_export_is_missing_or_stale(hf_dir, tmp_pa
     assert sorted(trained.names()) == sorted(source.names())
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(trained.read(name), source.read(name))  # the trained weights, not the source's
+    # The embedding: trained rows for the tokenizer's ids, the source's own rows beyond them.
+    emb, src = trained.read("model.embed_tokens.weight"), source.read("model.embed_tokens.weight")
+    assert emb.shape == src.shape
+    assert torch.equal(emb[-EXTRA:], src[-EXTRA:]) and not torch.equal(emb[:-EXTRA], src[:-EXTRA])
