@@ -68,10 +68,13 @@ _RUN_FIELDS = frozenset(
         "init_method_std",
         "moe_aux_loss_coeff",
         "max_sequence_length",
+        "make_vocab_size_divisible_by",
     }
 )
 """Fields a run may set whatever the HF config says (``max_sequence_length``: the context the run trains
-and samples in; RoPE models run at any length up to what they were trained for)."""
+and samples in; RoPE models run at any length up to what they were trained for;
+``make_vocab_size_divisible_by``: the padding of the embedding the run builds, whose padding rows are
+never predicted, so a checkpoint padded otherwise loads into it)."""
 
 
 def is_hf_dir(path: str | os.PathLike | None) -> bool:

@@ -546,6 +546,43 @@ def test_run_config_mapping_takes_model_and_tokenizer_from_the_hf_directory(qwen
         apply_hf_model_config({**raw, "model": {"num_attention_heads": 8}})
 
 
+def _padded_elsewhere(rank, hf_dir: str, cache: str, divisible_by: int):
+    """A run of an HF directory with its own ``make_vocab_size_divisible_by`` loads the conversion
+    (padded at 16) and computes transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_megatron.config import ParallelConfig, RunConfig, from_dict
+    from opd_megatron.distributed import init_distributed
+    from opd_megatron.models.checkpoint import load_model_weights
+    from opd_megatron.models.gpt import build_gpt_model
+    from opd_megatron.models.hf_dir import apply_hf_model_config
+    from opd_megatron.tokenization import load_tokenizer
+
+    raw = {"train": {"init_checkpoint": hf_dir}, "model": {"make_vocab_size_divisible_by": divisible_by}}
+    cfg = from_dict(RunConfig, apply_hf_model_config(raw))
+    groups = init_distributed(ParallelConfig())
+    converted = materialise(hf_dir, groups, cache)
+    tok = load_tokenizer(cfg.tokenizer)
+    model = build_gpt_model(cfg.model, groups, tok.vocab_size, seed=3)
+    load_model_weights(converted.checkpoint, model)
+    ids = torch.randint(0, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.eval()(ids, torch.arange(9).expand_as(ids), None)[..., : tok.vocab_size]
+        ref = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(ids).logits[..., : tok.vocab_size]
+    conv_rows = converted.model.vocab_size
+    return cfg.model.make_vocab_size_divisible_by, model.padded_vocab_size, conv_rows, ours, ref
+
+
+def test_make_vocab_size_divisible_by_is_the_runs_choice(tmp_path):
+    from tests.hf_model_dirs import tiny_qwen3_dir
+
+    hf_dir = tiny_qwen3_dir(tmp_path / "qwen3", seed=5, extra_rows=20)  # 500 tokens, 520 rows
+    args = (str(hf_dir), str(tmp_path / "cache"), 64)
+    divisible_by, padded, rows, ours, ref = run_ranks(_padded_elsewhere, 1, timeout=300, args=args)[0]
+    assert (divisible_by, padded, rows) == (64, 512, 520)  # the conversion's embedding: 528 rows (16)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
 def _copy_dir(src: Path, dst: Path, skip=()) -> Path:
     dst.mkdir()
     for f in src.iterdir():
