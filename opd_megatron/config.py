@@ -114,7 +114,9 @@ class TokenizerConfig:
     """``model``: the model's own Jinja chat template (``kind: hf`` with ``path`` a Hugging Face tokenizer
     directory holding ``tokenizer_config.json`` / ``chat_template.jinja``), rendered by ``transformers``;
     else the name of a hand-written template for the built-in toy tokenizers (``plain``, ``chatml``,
-    ``llama3``, ``glm``)."""
+    ``llama3``, ``glm``). A tokenizer taken from a Hugging Face model directory (an HF
+    ``train.init_checkpoint`` without ``tokenizer.path``) defaults to ``model`` when the directory has a
+    Jinja template."""
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra variables for the model's Jinja template, e.g. ``{enable_thinking: false}`` for Qwen3."""
 

@@ -82,17 +82,22 @@ def is_hf_dir(path: str | os.PathLike | None) -> bool:
     return path is not None and (Path(path) / "config.json").is_file()
 
 
+def _jinja_template(hf_dir: Path) -> str:
+    """The directory's Jinja chat template (``chat_template.jinja``, else tokenizer_config.json's
+    ``chat_template``), or ``""``."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text()
+    if (hf_dir / "tokenizer_config.json").is_file():
+        try:
+            return str(json.loads((hf_dir / "tokenizer_config.json").read_text()).get("chat_template") or "")
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{hf_dir / 'tokenizer_config.json'}: invalid JSON: {e}") from None
+    return ""
+
+
 def guess_chat_template(hf_dir: str | os.PathLike) -> str:
     """The built-in chat template whose markers the directory's Jinja template uses, else ``plain``."""
-    d = Path(hf_dir)
-    text = ""
-    if (d / "chat_template.jinja").is_file():
-        text = (d / "chat_template.jinja").read_text()
-    elif (d / "tokenizer_config.json").is_file():
-        try:
-            text = str(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template") or "")
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{d / 'tokenizer_config.json'}: invalid JSON: {e}") from None
+    text = _jinja_template(Path(hf_dir))
     if "<|im_start|>" in text:
         return "chatml"
     if "<|start_header_id|>" in text:
@@ -101,14 +106,21 @@ def guess_chat_template(hf_dir: str | os.PathLike) -> str:
 
 
 def tokenizer_config_from_hf(hf_dir: str | os.PathLike) -> TokenizerConfig:
-    """``tokenizer.json`` -> kind ``hf``; ``tokenizer.model`` -> kind ``sentencepiece``; else an error."""
+    """``tokenizer.json`` -> kind ``hf``; ``tokenizer.model`` -> kind ``sentencepiece``; else an error.
+
+    The chat template: with ``tokenizer.json`` and a Jinja template in the directory, ``model`` (the
+    model's own template, rendered by ``transformers``), without one ``plain``; a SentencePiece model
+    takes the built-in template whose markers its Jinja template uses (:func:`guess_chat_template`).
+    """
     d = Path(hf_dir)
-    template = guess_chat_template(d)
     if (d / "tokenizer.json").is_file():  # the directory: it also holds the model's chat template
+        template = "model" if _jinja_template(d).strip() else "plain"
         return TokenizerConfig(kind="hf", path=str(d.resolve()), chat_template=template)
     if (d / "tokenizer.model").is_file():
         return TokenizerConfig(
-            kind="sentencepiece", path=str((d / "tokenizer.model").resolve()), chat_template=template
+            kind="sentencepiece",
+            path=str((d / "tokenizer.model").resolve()),
+            chat_template=guess_chat_template(d),
         )
     raise ConversionError(
         f"{d}: no tokenizer.json or tokenizer.model; the HF directory must carry the model's tokenizer"

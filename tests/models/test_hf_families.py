@@ -517,7 +517,25 @@ def test_hf_dir_gives_model_and_tokenizer_configs(qwen3_dir, tmp_path):
     cfg, tok = config_from_dir(qwen3_dir)
     assert (cfg.head_dim, cfg.kv_channels, cfg.qk_layernorm, cfg.vocab_size) == (12, 12, True, ROWS)
     assert tok.kind == "hf" and tok.path == str(qwen3_dir.resolve())
-    assert tok.chat_template == "chatml"
+    assert tok.chat_template == "model"  # the directory's own Jinja template
+
+
+def test_hf_directory_chat_template_defaults(qwen3_dir, tmp_path):
+    """The model's own template where the directory has one (in tokenizer_config.json or
+    chat_template.jinja); plain without one; a SentencePiece model the built-in template its Jinja
+    template's markers name (``model`` renders through an HF tokenizer directory only)."""
+    from opd_megatron.models.hf_dir import guess_chat_template, tokenizer_config_from_hf
+
+    none = _copy_dir(qwen3_dir, tmp_path / "none")
+    (none / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert tokenizer_config_from_hf(none).chat_template == "plain"
+    jinja = _copy_dir(none, tmp_path / "jinja")
+    (jinja / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert tokenizer_config_from_hf(jinja).chat_template == "model"
+    spm = _copy_dir(qwen3_dir, tmp_path / "spm", skip=("tokenizer.json",))
+    (spm / "tokenizer.model").write_bytes(b"")  # only its name is read here
+    assert tokenizer_config_from_hf(spm).kind == "sentencepiece"
+    assert tokenizer_config_from_hf(spm).chat_template == guess_chat_template(qwen3_dir) == "chatml"
 
 
 def test_merge_model_config_names_both_values(qwen3_dir):
@@ -539,7 +557,10 @@ def test_run_config_mapping_takes_model_and_tokenizer_from_the_hf_directory(qwen
            "parallel": {"tensor_model_parallel_size": 2}}  # fmt: skip
     cfg = from_dict(RunConfig, apply_hf_model_config(raw))
     assert (cfg.model.hidden_size, cfg.model.head_dim, cfg.model.params_dtype) == (32, 12, "bf16")
-    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.chat_template == "chatml"
+    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.chat_template == "model"
+    # A template the user chose is kept, with the directory's tokenizer.
+    chosen = from_dict(RunConfig, apply_hf_model_config({**raw, "tokenizer": {"chat_template": "chatml"}}))
+    assert (chosen.tokenizer.chat_template, chosen.tokenizer.path) == ("chatml", str(qwen3_dir.resolve()))
     plain = {"train": {"init_checkpoint": "runs/x/checkpoints"}}
     assert apply_hf_model_config(plain) is plain
     with pytest.raises(ConfigError, match=r"model\.num_attention_heads: given 8 but the HF config says 4"):
