@@ -48,11 +48,28 @@ def _preflight(cfg) -> None:
     """Checks that need no model: fail in a second, before Megatron-core is imported and ranks start."""
     from opd_megatron.models.checkpoint import resolve_checkpoint
     from opd_megatron.models.hf_dir import is_hf_dir
+    from opd_megatron.models.hf_export import check_export_target
     from opd_megatron.models.specs import resolve_impl
 
     resolve_impl(cfg.model)
+    check_export_target(cfg)
     if cfg.train.init_checkpoint and not is_hf_dir(cfg.train.init_checkpoint):
         resolve_checkpoint(cfg.train.init_checkpoint)
+    for i, t in enumerate(cfg.teachers):
+        if t.checkpoint and is_hf_dir(t.checkpoint) and t.placement != "vllm":
+            _check_hf_teacher(t.checkpoint, f"teachers[{i}].checkpoint")
+
+
+def _check_hf_teacher(path: str, where: str) -> None:
+    """An HF teacher directory's config.json and tokenizer files, read before any process starts (its
+    weights are checked when it is converted)."""
+    from opd_megatron.models.hf_dir import model_config_from_hf
+    from opd_megatron.models.hf_safetensors import ConversionError
+
+    try:
+        model_config_from_hf(path)
+    except ConversionError as e:
+        raise ConfigError(where, str(e)) from None
 
 
 def _load(path, overrides):

@@ -114,7 +114,9 @@ class TokenizerConfig:
     """``model``: the model's own Jinja chat template (``kind: hf`` with ``path`` a Hugging Face tokenizer
     directory holding ``tokenizer_config.json`` / ``chat_template.jinja``), rendered by ``transformers``;
     else the name of a hand-written template for the built-in toy tokenizers (``plain``, ``chatml``,
-    ``llama3``, ``glm``)."""
+    ``llama3``, ``glm``). A tokenizer taken from a Hugging Face model directory (an HF
+    ``train.init_checkpoint`` without ``tokenizer.path``) defaults to ``model`` when the directory has a
+    Jinja template."""
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra variables for the model's Jinja template, e.g. ``{enable_thinking: false}`` for Qwen3."""
 
@@ -161,17 +163,30 @@ class ModelConfig:
     power-of-two TP up to this value the padded size, and so the checkpoint layout, is TP-independent."""
     max_sequence_length: int = 128
     rotary_base: float = 10000.0
-    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
     """RoPE frequency scaling: ``linear`` divides every frequency by ``rope_scaling_factor`` (position
     interpolation); ``llama3`` is Llama-3.1's banded rescaling (``rope_scaling_factor``,
-    ``rope_low_freq_factor``, ``rope_high_freq_factor``, ``rope_original_max_position``)."""
+    ``rope_low_freq_factor``, ``rope_high_freq_factor``, ``rope_original_max_position``); ``yarn`` is
+    YaRN (``rope_scaling_factor``, ``rope_original_max_position``, ``rope_yarn_*``): frequencies blended
+    between interpolated and original by a ramp over the rotation counts ``beta_slow .. beta_fast``, and
+    cos/sin multiplied by an attention factor (Megatron-core's ``YarnRotaryEmbedding``)."""
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     """``llama3``: wavelengths above ``rope_original_max_position / this`` are divided by the factor."""
     rope_high_freq_factor: float = 4.0
     """``llama3``: wavelengths below ``rope_original_max_position / this`` are kept."""
     rope_original_max_position: int = 8192
-    """``llama3``: the context length the model was pre-trained at."""
+    """``llama3``, ``yarn``: the context length the model was pre-trained at."""
+    rope_yarn_beta_fast: float = 32.0
+    """``yarn``: dimensions that rotate more than this often over the original context keep their
+    frequency (transformers' ``beta_fast``)."""
+    rope_yarn_beta_slow: float = 1.0
+    """``yarn``: dimensions that rotate less than this often are interpolated (``beta_slow``)."""
+    rope_yarn_mscale: float | None = None
+    """``yarn``: with ``rope_yarn_mscale_all_dim`` (both non-zero), the attention factor is
+    ``m(factor, mscale) / m(factor, mscale_all_dim)``, ``m(s, k) = 0.1 k ln s + 1``; otherwise
+    ``m(factor, 1)`` (transformers' rule)."""
+    rope_yarn_mscale_all_dim: float | None = None
     tie_embeddings: bool = True
     """Share the input embedding and the output layer."""
     add_qkv_bias: bool = False
@@ -224,6 +239,13 @@ class ModelConfig:
                 f"got {self.rope_low_freq_factor}",
             )
             _check(self.rope_original_max_position > 0, "rope_original_max_position", "must be > 0")
+        if self.rope_scaling == "yarn":
+            _check(self.rope_original_max_position > 0, "rope_original_max_position", "must be > 0")
+            _check(
+                self.rope_yarn_beta_fast > self.rope_yarn_beta_slow > 0,
+                "rope_yarn_beta_slow",
+                f"must be in (0, rope_yarn_beta_fast={self.rope_yarn_beta_fast}), got {self.rope_yarn_beta_slow}",
+            )
         if self.num_experts is not None:
             _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
             _check(

@@ -9,7 +9,9 @@ Patched, and why each is safe on CPU:
 1. ``torch.cuda.synchronize`` -> no-op. ``dist_checkpointing.save`` synchronises the device before
    writing; on CPU every op is already synchronous, so there is nothing to wait for.
 2. ``torch.cuda.current_device`` -> ``torch.device("cpu")``. RoPE and some buffers allocate with
-   ``device=torch.cuda.current_device()``; on CPU the right device for those tensors is the CPU.
+   ``device=torch.cuda.current_device()``; on CPU the right device for those tensors is the CPU. This
+   also covers ``YarnRotaryEmbedding.get_emb`` (YaRN RoPE), which moves its CPU-initialised frequencies
+   to ``torch.cuda.current_device()`` on first use, construction included: they stay on the CPU.
 3. ``megatron.core.pipeline_parallel.schedules.torch`` -> a proxy whose ``zeros(device="cuda")`` gives a
    CPU tensor. The 1F1B schedules allocate their receive buffers with a hard-coded ``device="cuda"``;
    the proxy forwards every other attribute to ``torch`` unchanged, and the patch is scoped to that

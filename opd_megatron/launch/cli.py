@@ -13,6 +13,7 @@ import argparse
 from opd_megatron.config import load_config
 from opd_megatron.launch.experiment import LaunchOptions, dryrun, launch
 from opd_megatron.launch.slurm import wait_for_job
+from opd_megatron.models.hf_dir import apply_hf_model_config
 
 __all__ = ["add_launch_parser", "run_launch"]
 
@@ -81,7 +82,8 @@ def run_launch(args: argparse.Namespace) -> int:
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path:  # an override in the config's position
         path, overrides = None, [path, *overrides]
-    cfg = load_config(path, overrides)
+    # As ``run`` and ``sft`` read it: ``model``/``tokenizer`` completed from an HF init checkpoint.
+    cfg = load_config(path, overrides, prepare=apply_hf_model_config)
     opts = _options(args)
     if args.dryrun:
         result = dryrun(cfg, opts)

@@ -125,6 +125,22 @@ def build_transformer_config(
     )
 
 
+def set_yarn_fields(tconfig, cfg: ModelConfig) -> None:
+    """The ``yarn_*`` attributes Megatron-core's GPTModel reads to build its ``YarnRotaryEmbedding`` and
+    that its self-attention reads to multiply cos/sin by YaRN's attention factor (TransformerConfig has
+    them only in its MLA subclass). The factor follows transformers' rule: ``mscale`` and
+    ``mscale_all_dim`` count only when both are non-zero, else ``m(factor, 1)``, which is Megatron's
+    result for ``None``."""
+    both = bool(cfg.rope_yarn_mscale and cfg.rope_yarn_mscale_all_dim)
+    tconfig.yarn_rotary_scaling_factor = cfg.rope_scaling_factor
+    tconfig.yarn_original_max_position_embeddings = cfg.rope_original_max_position
+    tconfig.yarn_beta_fast = cfg.rope_yarn_beta_fast
+    tconfig.yarn_beta_slow = cfg.rope_yarn_beta_slow
+    tconfig.yarn_mscale = cfg.rope_yarn_mscale if both else None
+    tconfig.yarn_mscale_all_dim = cfg.rope_yarn_mscale_all_dim if both else None
+    tconfig.yarn_correction_range_round_to_int = True
+
+
 def build_gpt_model(
     cfg: ModelConfig,
     groups: ParallelGroups,
@@ -165,6 +181,9 @@ def build_gpt_model(
     if seed is not None:
         torch.manual_seed(seed)
     padded = padded_vocab_size(rows, cfg.make_vocab_size_divisible_by, groups.tp_size)
+    yarn = cfg.rope_scaling == "yarn"
+    if yarn:
+        set_yarn_fields(tconfig, cfg)
     ctx = torch.device("cuda") if torch.cuda.is_available() else nullcontext()
     with ctx:
         model = GPTModel(
@@ -176,20 +195,24 @@ def build_gpt_model(
             post_process=groups.is_last_stage,
             parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_embeddings,
-            position_embedding_type="rope",
+            position_embedding_type="yarn" if yarn else "rope",
             rotary_base=int(cfg.rotary_base),
             pg_collection=groups.pg_collection,
         )
-    if cfg.rope_scaling != "none":
-        # Megatron's own Llama-3 scaling hard-codes the band edges; install the exact frequencies instead
-        # (before any forward: the model caches cos/sin per sequence length).
-        inv_freq = model.rotary_pos_emb.inv_freq
-        model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(inv_freq.device, inv_freq.dtype)
+    if cfg.rope_scaling in ("linear", "llama3"):
+        _install_inv_freq(model, cfg)
     model.real_vocab_size = real_vocab
     model.padded_vocab_size = padded
     if frozen:
         freeze(model)
     return model
+
+
+def _install_inv_freq(model, cfg: ModelConfig) -> None:
+    """Megatron's own Llama-3 scaling hard-codes the band edges; install the exact frequencies instead
+    (before any forward: the model caches cos/sin per sequence length)."""
+    inv_freq = model.rotary_pos_emb.inv_freq
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(inv_freq.device, inv_freq.dtype)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -49,6 +49,7 @@ A converted checkpoint also holds the HF side files under ``hf/`` (``config.json
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -175,9 +176,8 @@ def architecture_for(hf: dict) -> str:
 _ROPE_WHY_NOT = {
     "dynamic": "dynamic NTK scaling recomputes the frequencies from each sequence's length, and "
     "megatron-core's RotaryEmbedding has fixed frequencies",
-    "yarn": "YaRN also scales cos/sin by an attention factor, which megatron-core 0.16.1 applies only in "
-    "its multi-latent attention, not in the GPT self-attention this model uses",
 }
+_ROPE_KINDS = ("linear", "llama3", "yarn")
 
 
 def _rope(hf: dict, family: _Family) -> dict:
@@ -200,11 +200,14 @@ def _rope(hf: dict, family: _Family) -> dict:
     out: dict = {"rotary_base": theta}
     if kind == "default":
         return out
-    if kind not in ("linear", "llama3"):
+    if kind not in _ROPE_KINDS:
         why = _ROPE_WHY_NOT.get(kind, "the Megatron model would compute other rotary frequencies")
         raise ConversionError(
-            f"config.json: RoPE scaling {kind!r} is not supported ({why}); supported: default, linear, llama3"
+            f"config.json: RoPE scaling {kind!r} is not supported ({why}); supported: default, "
+            + ", ".join(_ROPE_KINDS)
         )
+    if kind == "yarn":
+        return {**out, **_yarn(hf, family, source)}
     if source.get("factor") is None:
         raise ConversionError(f"config.json: RoPE scaling {kind!r} lacks its 'factor'")
     out.update(rope_scaling=kind, rope_scaling_factor=float(source["factor"]))
@@ -218,6 +221,51 @@ def _rope(hf: dict, family: _Family) -> dict:
                 raise ConversionError(f"config.json: RoPE scaling 'llama3' lacks {key!r}")
             out[field] = float(source[key]) if "factor" in key else int(source[key])
     return out
+
+
+def yarn_attention_factor(factor: float, mscale: float | None, mscale_all_dim: float | None) -> float:
+    """YaRN's cos/sin multiplier as transformers derives it: ``m(factor, mscale) / m(factor,
+    mscale_all_dim)`` when both are non-zero, else ``m(factor, 1)``, with ``m(s, k) = 0.1 k ln s + 1``
+    (1 for ``s <= 1``)."""
+
+    def m(scale: float, k: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    if mscale and mscale_all_dim:
+        return m(factor, mscale) / m(factor, mscale_all_dim)
+    return m(factor)
+
+
+def _yarn(hf: dict, family: _Family, source: dict) -> dict:
+    """ModelConfig fields of YaRN settings, filled in as transformers fills them."""
+    max_pos = int(hf.get("max_position_embeddings", family.max_position_embeddings))
+    original = source.get("original_max_position_embeddings")
+    original = int(original or hf.get("original_max_position_embeddings") or max_pos)
+    factor = source.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    if source.get("truncate", True) is not True:
+        raise ConversionError(
+            "config.json: YaRN with truncate=false is not supported (megatron-core's YarnRotaryEmbedding "
+            "here rounds the correction range, as transformers' default does)"
+        )
+    mscale, mscale_all_dim = source.get("mscale"), source.get("mscale_all_dim")
+    fields = dict(
+        rope_scaling="yarn",
+        rope_scaling_factor=factor,
+        rope_original_max_position=original,
+        rope_yarn_beta_fast=float(source.get("beta_fast") or 32.0),
+        rope_yarn_beta_slow=float(source.get("beta_slow") or 1.0),
+        rope_yarn_mscale=None if mscale is None else float(mscale),
+        rope_yarn_mscale_all_dim=None if mscale_all_dim is None else float(mscale_all_dim),
+    )
+    given = source.get("attention_factor")
+    derived = yarn_attention_factor(factor, fields["rope_yarn_mscale"], fields["rope_yarn_mscale_all_dim"])
+    if given is not None and not math.isclose(float(given), derived, rel_tol=1e-6):
+        raise ConversionError(
+            f"config.json: YaRN attention_factor={given} differs from the {derived:.6g} that factor, mscale "
+            "and mscale_all_dim give; megatron-core derives the factor from those and cannot take another"
+        )
+    return fields
 
 
 def _moe(hf: dict) -> dict:
@@ -311,6 +359,30 @@ def model_config_from_hf(
     return arch, cfg
 
 
+def _hf_rope(cfg: ModelConfig) -> dict:
+    """The HF ``rope_parameters`` of ``cfg`` (``rope_type``, ``rope_theta`` and the scaling's fields)."""
+    rope: dict = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    if cfg.rope_scaling != "none":
+        rope.update(rope_type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position,
+        )
+    if cfg.rope_scaling == "yarn":
+        rope.update(
+            original_max_position_embeddings=cfg.rope_original_max_position,
+            beta_fast=cfg.rope_yarn_beta_fast,
+            beta_slow=cfg.rope_yarn_beta_slow,
+        )
+        for key in ("mscale", "mscale_all_dim"):
+            value = getattr(cfg, f"rope_yarn_{key}")
+            if value is not None:
+                rope[key] = value
+    return rope
+
+
 def hf_config_from_model_config(
     cfg: ModelConfig,
     vocab_size: int,
@@ -369,15 +441,7 @@ def hf_config_from_model_config(
             decoder_sparse_step=1,
             mlp_only_layers=[],
         )
-    rope: dict = {"rope_type": "default", "rope_theta": cfg.rotary_base}
-    if cfg.rope_scaling != "none":
-        rope.update(rope_type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
-    if cfg.rope_scaling == "llama3":
-        rope.update(
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_max_position,
-        )
+    rope = _hf_rope(cfg)
     if isinstance(out.get("rope_parameters"), dict):  # keep the generation of format the base used
         out["rope_parameters"] = {**out["rope_parameters"], **rope}
     else:

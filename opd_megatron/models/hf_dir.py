@@ -36,7 +36,14 @@ from opd_megatron.models.hf_convert import (
     validate_hf_weights,
 )
 from opd_megatron.models.hf_convert import model_config_from_hf as _model_config_from_config
-from opd_megatron.models.hf_safetensors import SAFETENSORS_INDEX, ConversionError, HFWeights
+from opd_megatron.models.hf_safetensors import (
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    ConversionError,
+    HFWeights,
+    PlannedTensor,
+    write_shard,
+)
 
 __all__ = [
     "Materialised",
@@ -61,10 +68,13 @@ _RUN_FIELDS = frozenset(
         "init_method_std",
         "moe_aux_loss_coeff",
         "max_sequence_length",
+        "make_vocab_size_divisible_by",
     }
 )
 """Fields a run may set whatever the HF config says (``max_sequence_length``: the context the run trains
-and samples in; RoPE models run at any length up to what they were trained for)."""
+and samples in; RoPE models run at any length up to what they were trained for;
+``make_vocab_size_divisible_by``: the padding of the embedding the run builds, whose padding rows are
+never predicted, so a checkpoint padded otherwise loads into it)."""
 
 
 def is_hf_dir(path: str | os.PathLike | None) -> bool:
@@ -72,17 +82,22 @@ def is_hf_dir(path: str | os.PathLike | None) -> bool:
     return path is not None and (Path(path) / "config.json").is_file()
 
 
+def _jinja_template(hf_dir: Path) -> str:
+    """The directory's Jinja chat template (``chat_template.jinja``, else tokenizer_config.json's
+    ``chat_template``), or ``""``."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text()
+    if (hf_dir / "tokenizer_config.json").is_file():
+        try:
+            return str(json.loads((hf_dir / "tokenizer_config.json").read_text()).get("chat_template") or "")
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"{hf_dir / 'tokenizer_config.json'}: invalid JSON: {e}") from None
+    return ""
+
+
 def guess_chat_template(hf_dir: str | os.PathLike) -> str:
     """The built-in chat template whose markers the directory's Jinja template uses, else ``plain``."""
-    d = Path(hf_dir)
-    text = ""
-    if (d / "chat_template.jinja").is_file():
-        text = (d / "chat_template.jinja").read_text()
-    elif (d / "tokenizer_config.json").is_file():
-        try:
-            text = str(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template") or "")
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{d / 'tokenizer_config.json'}: invalid JSON: {e}") from None
+    text = _jinja_template(Path(hf_dir))
     if "<|im_start|>" in text:
         return "chatml"
     if "<|start_header_id|>" in text:
@@ -91,14 +106,21 @@ def guess_chat_template(hf_dir: str | os.PathLike) -> str:
 
 
 def tokenizer_config_from_hf(hf_dir: str | os.PathLike) -> TokenizerConfig:
-    """``tokenizer.json`` -> kind ``hf``; ``tokenizer.model`` -> kind ``sentencepiece``; else an error."""
+    """``tokenizer.json`` -> kind ``hf``; ``tokenizer.model`` -> kind ``sentencepiece``; else an error.
+
+    The chat template: with ``tokenizer.json`` and a Jinja template in the directory, ``model`` (the
+    model's own template, rendered by ``transformers``), without one ``plain``; a SentencePiece model
+    takes the built-in template whose markers its Jinja template uses (:func:`guess_chat_template`).
+    """
     d = Path(hf_dir)
-    template = guess_chat_template(d)
     if (d / "tokenizer.json").is_file():  # the directory: it also holds the model's chat template
+        template = "model" if _jinja_template(d).strip() else "plain"
         return TokenizerConfig(kind="hf", path=str(d.resolve()), chat_template=template)
     if (d / "tokenizer.model").is_file():
         return TokenizerConfig(
-            kind="sentencepiece", path=str((d / "tokenizer.model").resolve()), chat_template=template
+            kind="sentencepiece",
+            path=str((d / "tokenizer.model").resolve()),
+            chat_template=guess_chat_template(d),
         )
     raise ConversionError(
         f"{d}: no tokenizer.json or tokenizer.model; the HF directory must carry the model's tokenizer"
@@ -223,6 +245,11 @@ def content_hash(hf_dir: str | os.PathLike, extra: str = "") -> str:
     return h.hexdigest()
 
 
+BEYOND_TOKENIZER_DIR = "rows_beyond_tokenizer"
+"""Sub-directory of a converted checkpoint holding the source's embedding (and untied output) rows beyond
+the tokenizer's ids, as HF tensors: a live model never holds them, an export writes them back."""
+
+
 @dataclass(frozen=True)
 class Materialised:
     """A converted HF directory: the checkpoint to load, and whether this call converted it."""
@@ -231,6 +258,27 @@ class Materialised:
     converted: bool
     model: ModelConfig
     tokenizer: TokenizerConfig
+    beyond_tokenizer: Path | None = None
+    """The source's rows beyond the tokenizer (:data:`BEYOND_TOKENIZER_DIR`); None when it has none."""
+
+
+def _keep_rows_beyond_tokenizer(hf_dir: Path, final: Path, cfg: ModelConfig, real_vocab: int) -> Path | None:
+    """Write (once, rank 0) the HF directory's rows at and after ``real_vocab`` of the embedding and the
+    untied output layer into ``final/rows_beyond_tokenizer/model.safetensors``; returns the directory."""
+    if not cfg.vocab_size or cfg.vocab_size <= real_vocab:
+        return None
+    out = final / BEYOND_TOKENIZER_DIR
+    if (out / SAFETENSORS_SINGLE).is_file():
+        return out
+    weights = HFWeights(hf_dir)
+    names = ["model.embed_tokens.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    rows = {n: weights.read(n, dim=0, start=real_vocab) for n in names}
+    staging = final / f".{BEYOND_TOKENIZER_DIR}.partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    plan = [PlannedTensor(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in rows.items()]
+    write_shard(staging / SAFETENSORS_SINGLE, plan, {"format": "pt"})
+    os.replace(staging, out)
+    return out
 
 
 def _broadcast(obj):
@@ -262,7 +310,7 @@ def materialise(
     try:
         model_cfg, tok_cfg = model_config_from_hf(hf_dir, params_dtype=params_dtype)
         validate_hf_weights(HFWeights(hf_dir), model_cfg)
-        real_vocab_size(hf_dir, model_cfg.vocab_size)
+        real_vocab = real_vocab_size(hf_dir, model_cfg.vocab_size)
         options = json.dumps(
             {"params_dtype": params_dtype, "divisible_by": model_cfg.make_vocab_size_divisible_by}
         )
@@ -278,6 +326,10 @@ def materialise(
             import_hf_checkpoint(hf_dir, root, groups, params_dtype=params_dtype, overwrite=True)
         except ConversionError as e:
             raise ConfigError(where, str(e)) from None
+    beyond = (
+        _keep_rows_beyond_tokenizer(hf_dir, final, model_cfg, real_vocab) if groups.global_rank == 0 else None
+    )
+    beyond = _broadcast(beyond)  # also: no rank goes on before the rows are written
     side = final / HF_SIDE_DIR
     # An HF tokenizer is its directory (it holds the chat template too); a SentencePiece model its file.
     tok_file = side if Path(tok_cfg.path).is_dir() else side / Path(tok_cfg.path).name
@@ -286,5 +338,6 @@ def materialise(
     )
     # The converted checkpoint's own config (its dtype may come from the weights, not config.json).
     return Materialised(
-        checkpoint=final, converted=not exists, model=read_config(final).model, tokenizer=tokenizer
-    )
+        checkpoint=final, converted=not exists, model=read_config(final).model, tokenizer=tokenizer,
+        beyond_tokenizer=beyond,
+    )  # fmt: skip

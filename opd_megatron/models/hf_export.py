@@ -9,9 +9,12 @@ template, and renames the staging directory into place, so ``out_dir`` appears c
 Peak memory per writer: one full (TP-gathered) parameter at a time on top of the model.
 
 Embedding rows: the export writes ``max(model.vocab_size, real vocabulary)`` rows, the checkpoint's row
-count when the model came from one with more rows than its tokenizer. Rows the live model does not hold
-(it keeps only the tokenizer's rows, see :mod:`opd_megatron.models.gpt`) are written as zeros; no
-token id a tokenizer produces reaches them.
+count when the model came from one with more rows than its tokenizer. The live model holds only the
+tokenizer's rows (see :mod:`opd_megatron.models.gpt`); the rows after them are the source checkpoint's
+own, unchanged, when the model came from a Hugging Face directory (``beyond_tokenizer``: what conversion
+kept of them, :data:`~opd_megatron.models.hf_dir.BEYOND_TOKENIZER_DIR`), else zeros. No token id the
+tokenizer produces reaches them either way; zero output rows give those ids logit 0 in transformers or
+vLLM, so a sampler that does not suppress ids beyond the tokenizer can draw them.
 """
 
 from __future__ import annotations
@@ -39,13 +42,18 @@ from opd_megatron.models.hf_safetensors import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     ConversionError,
+    HFWeights,
     PlannedTensor,
     copy_files,
     replace_dir,
     write_shard,
 )
 
-__all__ = ["chat_template_jinja", "export_hf"]
+__all__ = ["EXPORT_MARKER", "check_export_target", "chat_template_jinja", "export_hf", "export_step"]
+
+EXPORT_MARKER = "opd_megatron_export.json"
+"""A file in a run's export naming the run (its output directory) and the step exported: what lets a
+later run replace the directory (its own earlier export) and a resumed run tell whether it is current."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,7 +93,21 @@ def _gather_tp(local: torch.Tensor, kind: str, tp_dim: int | None, groups: Paral
     return torch.cat(parts, dim=tp_dim)
 
 
-def _my_tensors(model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtype: torch.dtype, writer: bool):
+def _vocab_rows(full_VH: torch.Tensor, name: str, rows: int, real_vocab: int, beyond) -> torch.Tensor:
+    """The ``rows`` HF rows of a vocabulary parameter: the model's rows of the tokenizer's ids, then the
+    source's own rows beyond them (``beyond``: HFWeights, when it has them for exactly these rows), else
+    the model's padding rows and zeros."""
+    if beyond is not None and name in beyond and beyond.shape(name) == (rows - real_vocab, full_VH.shape[1]):
+        return torch.cat([full_VH[:real_vocab], beyond.read(name).to(full_VH.dtype)])
+    full_VH = full_VH[:rows]
+    if full_VH.shape[0] < rows:  # rows beyond those the model holds: unreachable, zero
+        full_VH = torch.cat([full_VH, full_VH.new_zeros(rows - full_VH.shape[0], full_VH.shape[1])])
+    return full_VH
+
+
+def _my_tensors(
+    model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtype: torch.dtype, writer: bool, beyond=None
+):
     """HF name -> tensor for what this rank's (stage, EP rank) owns; only the writer keeps them.
 
     Non-writer TP ranks still take part in every all-gather. Collective over the TP group, in the same
@@ -101,10 +123,8 @@ def _my_tensors(model, cfg: ModelConfig, groups: ParallelGroups, rows: int, dtyp
         if not writer or tied_copy or not (is_expert or owns_dense):
             continue
         if link.kind == "vocab":
-            full_VH = full[:rows]
-            if full_VH.shape[0] < rows:  # rows beyond those the model holds: unreachable, zero
-                full_VH = torch.cat([full_VH, full_VH.new_zeros(rows - full_VH.shape[0], full_VH.shape[1])])
-            out[link.hf_names[0]] = full_VH.to(dtype).contiguous()
+            name = link.hf_names[0]
+            out[name] = _vocab_rows(full, name, rows, model.real_vocab_size, beyond).to(dtype).contiguous()
             continue
         for name, tensor in zip(link.hf_names, split_fused(link, full, cfg, rows)):
             out[name] = tensor.to(dtype).contiguous()
@@ -148,6 +168,8 @@ def export_hf(
     chat_template: str = "plain",
     dtype: str | None = None,
     architecture: str | None = None,
+    marker: dict | None = None,
+    beyond_tokenizer: str | os.PathLike | None = None,
 ) -> Path:
     """Write this rank's model stage, with every other rank's, as one HF model directory; collective.
 
@@ -156,7 +178,9 @@ def export_hf(
     :class:`~opd_megatron.tokenization.hf_tok.HFTokenizer` (then ``chat_template``, a built-in template
     name, is written as ``chat_template.jinja`` and a generation config is made from its special tokens).
     ``dtype`` defaults to ``model_cfg.params_dtype``; ``architecture`` to the source directory's, else
-    the class whose layers the model has. Returns ``out_dir``, replaced atomically if it exists.
+    the class whose layers the model has. ``marker`` (a training run's output directory and step) is
+    written as :data:`EXPORT_MARKER`. ``beyond_tokenizer``: a directory of the source checkpoint's rows
+    beyond the tokenizer (see the module docstring). Returns ``out_dir``, replaced atomically if it exists.
     """
     out = Path(out_dir)
     staging = out.parent / f".{out.name}.partial"
@@ -173,7 +197,8 @@ def export_hf(
         staging.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    tensors = _my_tensors(model, model_cfg, groups, rows, out_dtype, writer)
+    beyond = HFWeights(beyond_tokenizer) if beyond_tokenizer is not None and writer else None
+    tensors = _my_tensors(model, model_cfg, groups, rows, out_dtype, writer, beyond)
     weight_map: dict[str, str] = {}
     if writer:
         fname = (
@@ -206,20 +231,84 @@ def export_hf(
             architecture = architecture_for(base) if base is not None else default_architecture(model_cfg)
         hf_cfg = hf_config_from_model_config(model_cfg, rows, architecture, out_dtype, base)
         hf_cfg.update(side.get("ids", {}))
-        (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        if not (staging / "chat_template.jinja").is_file() and not _has_template(staging):
-            (staging / "chat_template.jinja").write_text(chat_template_jinja(chat_template))
-        if not (staging / "generation_config.json").is_file():
-            gen = {
-                k: hf_cfg[k]
-                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if hf_cfg.get(k) is not None
-            }
-            (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_side_files(staging, hf_cfg, chat_template, marker)
         replace_dir(staging, out)
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _write_side_files(staging: Path, hf_cfg: dict, chat_template: str, marker: dict | None) -> None:
+    """config.json, a chat template and a generation config unless the tokenizer files brought them,
+    and the run's marker."""
+    (staging / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    if not (staging / "chat_template.jinja").is_file() and not _has_template(staging):
+        (staging / "chat_template.jinja").write_text(chat_template_jinja(chat_template))
+    if not (staging / "generation_config.json").is_file():
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        gen = {k: hf_cfg[k] for k in ids if hf_cfg.get(k) is not None}
+        (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if marker is not None:
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same directory or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        marker = json.loads((out / EXPORT_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def export_step(out: str | os.PathLike, output_dir: str | os.PathLike) -> int | None:
+    """The step of the export at ``out`` written by the run of ``output_dir``, or None (no export there,
+    or one of another run or without a marker)."""
+    marker = _read_marker(Path(out))
+    if marker is None or marker.get("output_dir") != str(Path(output_dir).resolve()):
+        return None
+    step = marker.get("step")
+    return step if isinstance(step, int) else None
+
+
+def check_export_target(cfg) -> None:
+    """``train.export_hf`` of RunConfig ``cfg`` is a directory the export may replace: not the init
+    checkpoint's or a teacher's directory (nor inside or around one), not the run's output directory or
+    one holding it, and either absent, empty, or an earlier export of this run (its marker names the
+    run's output directory). Raises a one-line ConfigError naming ``train.export_hf``."""
+    from opd_megatron.config import ConfigError
+
+    if not cfg.train.export_hf:
+        return
+    out = Path(cfg.train.export_hf).resolve()
+    sources = [("train.init_checkpoint", cfg.train.init_checkpoint)]
+    sources += [(f"teachers[{i}].checkpoint", t.checkpoint) for i, t in enumerate(cfg.teachers)]
+    for field, path in sources:
+        if path and _overlaps(out, Path(path).resolve()):
+            raise ConfigError(
+                "train.export_hf", f"{out} is or overlaps {field} ({path}); the export would replace it"
+            )
+    run_dir = Path(cfg.train.output_dir).resolve()
+    if out == run_dir or out in run_dir.parents:
+        raise ConfigError("train.export_hf", f"{out} holds train.output_dir ({run_dir}); choose another")
+    if out.exists() and not out.is_dir():
+        raise ConfigError("train.export_hf", f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and _read_marker(out) is None:
+        raise ConfigError(
+            "train.export_hf",
+            f"{out} is a non-empty directory that is no export of this project; the export would replace "
+            "it: choose another directory or empty it",
+        )
+    marker = _read_marker(out) if out.is_dir() else None
+    if marker is not None and marker.get("output_dir") != str(run_dir):
+        raise ConfigError(
+            "train.export_hf",
+            f"{out} holds the export of another run ({marker.get('output_dir')}); choose another directory",
+        )
 
 
 def _has_template(directory: Path) -> bool:

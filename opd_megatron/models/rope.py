@@ -6,9 +6,11 @@ module computes the frequencies of every variant the builder accepts from the co
 builder installs them on the model's rotary module, so a checkpoint with other band edges is still
 computed exactly as its HF model computes it.
 
-Variants that cannot be expressed as a fixed ``inv_freq`` (``dynamic`` NTK, whose base grows with the
-sequence length; ``yarn``, which also scales ``cos``/``sin`` by an attention factor that Megatron's GPT
-attention path does not apply) are rejected by the converter.
+YaRN is not built here: the builder uses megatron-core's ``YarnRotaryEmbedding`` (``position_embedding_type
+"yarn"``), whose frequencies equal transformers', and Megatron's self-attention multiplies cos/sin by
+YaRN's attention factor (see :func:`opd_megatron.models.gpt.set_yarn_fields`). ``dynamic`` NTK scaling,
+whose base grows with the sequence length, cannot be expressed as fixed frequencies and is rejected by the
+converter.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def llama3_inv_freq(
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """The float32 ``[head_dim / 2]`` frequencies of ``cfg`` (``rope_scaling`` none, linear or llama3).
+    """The float32 ``[head_dim / 2]`` frequencies of ``cfg`` (``rope_scaling`` none, linear or llama3;
+    YaRN's come from Megatron's ``YarnRotaryEmbedding``).
 
     ``linear`` (position interpolation) is ``theta_i / factor``: position ``m`` rotates as ``m / factor``.
     """

@@ -10,7 +10,8 @@ Hugging Face model's ``generate`` at small sizes.
 :class:`LeanStage` runs the same stage on the model's own parameter tensors (read at every call, so
 optimizer steps and weight loads are seen at once) with plain tensor ops: RMSNorm / LayerNorm, the
 fused QKV projection split by query group exactly as Megatron lays it out, per-head QK norm, rotary
-embedding indexed by cache position as Megatron's static inference does, a KV cache in SDPA's layout
+embedding (plain or YaRN, with YaRN's attention factor) indexed by cache position as Megatron's static
+inference does, a KV cache in SDPA's layout
 ``[b, groups, s, d]`` written in place, the attention of :func:`~opd_megatron.models.attention.attend`,
 row-parallel projections all-reduced over TP, and the (gated) MLP. It covers the dense Llama / Qwen2 /
 Qwen3 layers this project builds with the local spec; :func:`lean_unsupported` names what it does not
@@ -55,11 +56,13 @@ def _layer_unsupported(layer) -> str | None:
 def lean_unsupported(model, groups: ParallelGroups) -> str | None:
     """Why the lean path cannot run this GPTModel stage, or ``None`` when it can."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
     c = model.config
+    rope_types = (RotaryEmbedding, YarnRotaryEmbedding)
     checks = [
-        (model.position_embedding_type == "rope", "position embedding other than RoPE"),
-        (type(getattr(model, "rotary_pos_emb", None)) is RotaryEmbedding, "a RoPE variant (YaRN, mRoPE)"),
+        (model.position_embedding_type in ("rope", "yarn"), "position embedding other than RoPE / YaRN"),
+        (type(getattr(model, "rotary_pos_emb", None)) in rope_types, "a RoPE variant (mRoPE)"),
         (not c.sequence_parallel, "sequence parallelism"),
         (not c.rotary_interleaved and not c.multi_latent_attention, "interleaved RoPE / MLA"),
         (not c.apply_residual_connection_post_layernorm, "post-norm residuals"),
@@ -103,6 +106,23 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
+def _rope_tables(model, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` ``[positions, 1, d]`` as Megatron's attention applies them: YaRN's embedding
+    also returns its attention factor, and the attention multiplies cos and sin by the factor it reads
+    from the config (1 for plain RoPE) before casting to the model's dtype."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor_from_config,
+    )
+
+    freqs_S11D = model.rotary_pos_emb(positions)
+    if isinstance(freqs_S11D, tuple):
+        freqs_S11D = freqs_S11D[0]
+    mscale = _yarn_get_concentration_factor_from_config(model.config)
+    cos = (torch.cos(freqs_S11D) * mscale).to(dtype).view(positions, 1, -1)
+    sin = (torch.sin(freqs_S11D) * mscale).to(dtype).view(positions, 1, -1)
+    return cos, sin
+
+
 class LeanStage:
     """One GPTModel stage decoding against its own KV cache through plain tensor ops.
 
@@ -144,9 +164,7 @@ class LeanStage:
             for _ in self.model.decoder.layers
         ]
         # Megatron's static inference indexes RoPE by cache position: rows [start, end) of these tables.
-        freqs_S11D = self.model.rotary_pos_emb(positions)
-        self.cos = torch.cos(freqs_S11D).to(w.dtype).view(positions, 1, -1)
-        self.sin = torch.sin(freqs_S11D).to(w.dtype).view(positions, 1, -1)
+        self.cos, self.sin = _rope_tables(self.model, positions, w.dtype)
 
     def release(self) -> None:
         self.caches, self.cos, self.sin = [], None, None

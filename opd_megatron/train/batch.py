@@ -73,6 +73,9 @@ class OPDBatch:
     pass_counts: tuple[int, int] = (0, 0)
     """With several samples per prompt: (prompts with at least one correct on-policy sample, prompts of
     verifiable domains) on this rank; pass@n is their ratio summed over data-parallel ranks."""
+    ended_fraction: float | None = None
+    """Share of the on-policy samples that ended at an end token (the chat template's end-of-turn or EOS)
+    rather than at ``max_new_tokens`` or a stop string; None without on-policy samples."""
 
     @property
     def tokens(self) -> int:

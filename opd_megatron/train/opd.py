@@ -317,6 +317,7 @@ class OPDTrainer(TrainingRun):
             **rec,
             **{"lambda": batch.lam},
             rollout_len=batch.tokens / len(batch.comps),
+            rollout_ended_fraction=batch.ended_fraction,
             generated_tokens=gen,
             padding_fraction=padding_fraction(mbs),
             # With packed sequences the student's decoder computes none of that padding.

@@ -69,13 +69,14 @@ class RolloutSource:
         lam = lambda_at(step, self.lc)
         n_on = round(lam * len(rows))
         params = self.step_params(step, dp_rank)
-        comps, behaviour, weights = [], [], []
+        comps, behaviour, weights, ended = [], [], [], None
         if n_on:
             mix = (self.teacher_model, self.lc.mix_alpha) if self.lc.mix_alpha > 0 else None
             ro = self.sampler.generate(prompts[:n_on], params, mix_with=mix)
             comps += ro.completion_ids
             behaviour += ro.logprobs
             weights += ro.importance_weights or [[1.0] * len(c) for c in ro.completion_ids]
+            ended = sum(r == "eos" for r in ro.finish_reason) / n_on
         comps += self._off_policy(rows[n_on:], prompts[n_on:], params)
         pass_n = self.pass_counts(rows[:n_on], comps[:n_on])
         for c in comps[len(behaviour) :]:
@@ -86,7 +87,7 @@ class RolloutSource:
         n_on_kept = sum(1 for i in keep if i < n_on)
         return OPDBatch(
             pick(rows), pick(prompts), pick(comps), pick(behaviour), pick(weights), lam, n_on_kept,
-            empty=len(comps) - len(keep), pass_counts=pass_n,
+            empty=len(comps) - len(keep), pass_counts=pass_n, ended_fraction=ended,
         )  # fmt: skip
 
     def pass_counts(self, rows: list[PromptRow], comps: list[list[int]]) -> tuple[int, int]:

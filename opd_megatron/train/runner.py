@@ -32,7 +32,7 @@ from opd_megatron.models.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from opd_megatron.models.hf_export import export_hf
+from opd_megatron.models.hf_export import check_export_target, export_hf, export_step
 from opd_megatron.train.batch import DataCursor
 from opd_megatron.train.hf_sources import materialise_sources
 from opd_megatron.train.metrics import MetricsLogger, Progress
@@ -63,6 +63,7 @@ class TrainingRun:
     tokenizer: object
 
     def __init__(self, cfg: RunConfig, groups: ParallelGroups):
+        check_export_target(cfg)  # before anything runs: an export must never replace a source
         # Hugging Face directories given as checkpoints are converted (cached next to the run) first.
         cfg, self.hf_init = materialise_sources(cfg, groups)
         self.cfg, self.tc, self.groups = cfg, cfg.train, groups
@@ -152,13 +153,17 @@ class TrainingRun:
         self.resumed_from = ckpt
         return read_meta(ckpt)["step"]
 
-    def export(self, out: Path) -> Path:
-        """Write the model as a Hugging Face directory (collective): the tokenizer files come from the
-        Hugging Face directory the run started from, else from the run's ``hf`` tokenizer."""
+    def export(self, out: Path, step: int) -> Path:
+        """Write the model of ``step`` as a Hugging Face directory (collective), marked as this run's
+        export: the tokenizer files come from the Hugging Face directory the run started from, else from
+        the run's ``hf`` tokenizer."""
         tok = Path(self.hf_init.checkpoint) / "hf" if self.hf_init is not None else self.tokenizer
+        marker = {"output_dir": str(self.out_dir.resolve()), "step": step, "name": self.cfg.name}
+        beyond = self.hf_init.beyond_tokenizer if self.hf_init is not None else None
         path = export_hf(
-            self.model, self.cfg.model, tok, out, self.groups, chat_template=self.cfg.tokenizer.chat_template
-        )
+            self.model, self.cfg.model, tok, out, self.groups, chat_template=self.cfg.tokenizer.chat_template,
+            marker=marker, beyond_tokenizer=beyond,
+        )  # fmt: skip
         if self.groups.is_main:
             print(f"exported {self.kind} {self.cfg.name} as a Hugging Face model: {path}", flush=True)
         return path
@@ -177,6 +182,10 @@ class TrainingRun:
                 print(
                     f"{self.kind} {self.cfg.name}: finished at step {start}; {self.resumed_from}", flush=True
                 )
+            # An export the finished run did not write (asked for later, removed, or from before its
+            # final checkpoint) is written from the final checkpoint's weights.
+            if tc.export_hf and export_step(tc.export_hf, self.out_dir) != start:
+                self.export(Path(tc.export_hf), start)
             return RunSummary(start, {}, self.evaluate(), self.resumed_from, time.monotonic() - t_start)
         # On resume the log keeps the records up to the checkpoint (later ones move to a side file).
         metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume_step=start if start else None)
@@ -210,7 +219,7 @@ class TrainingRun:
         metrics.log("eval", tc.steps, last)
         ckpt = self.save(tc.steps)
         if tc.export_hf:
-            self.export(Path(tc.export_hf))
+            self.export(Path(tc.export_hf), tc.steps)
         metrics.close()
         return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
 

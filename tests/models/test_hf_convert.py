@@ -322,7 +322,14 @@ def test_config_mapping_llama_and_qwen2():
     "over, message",
     [
         ({"architectures": ["MistralForCausalLM"]}, "unsupported architecture"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "RoPE scaling 'yarn' is not supported"),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}},
+            "RoPE scaling 'dynamic' is not supported",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "longrope", "factor": 8.0}},
+            "RoPE scaling 'longrope' is not supported",
+        ),
         (
             {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
             "RoPE scaling 'llama3' lacks 'low_freq_factor'",

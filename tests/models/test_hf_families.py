@@ -1,5 +1,5 @@
-"""Qwen3, Llama-3 RoPE scaling and Qwen3-MoE: converted from tiny random ``transformers`` models built
-here, logits equal to transformers' at TP=1, TP=2 and (MoE) EP=2, exported back with identical tensors;
+"""Qwen3, Llama-3 and YaRN RoPE scaling and Qwen3-MoE: converted from tiny random ``transformers`` models
+built here, logits equal to transformers' at TP=1, TP=2 and (MoE) EP=2, exported back with identical tensors;
 HF directories materialised once into a content-keyed cache; a live model exported from TP=2 / EP=2
 loads in transformers with the same logits and greedy output. All multi-rank work runs once in a
 module-scoped fixture (process start-up dominates on CPU) and the tests check what it recorded.
@@ -8,6 +8,7 @@ module-scoped fixture (process start-up dominates on CPU) and the tests check wh
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ from tests.multirank import run_ranks
 TOKENS = 100  # the tokenizer's size
 ROWS = 120  # embedding rows of the Qwen models: more than the tokenizer has tokens
 SEQ = 10
-FAMILIES = ("qwen3", "llama3", "moe", "moe_raw")
+FAMILIES = ("qwen3", "llama3", "yarn", "moe", "moe_raw")
+YARN_ORIGINAL = 4  # YaRN's pre-training context: SEQ reaches beyond it
 WIDE = 136  # embedding rows of a second Qwen3 with the same tokenizer (the teacher of the pairing test)
 
 
@@ -71,6 +73,10 @@ def _hf_model(family: str):
         rope = dict(rope_type="llama3", rope_theta=50000.0, factor=8.0, low_freq_factor=1.0,
                     high_freq_factor=2.0, original_max_position_embeddings=16)  # fmt: skip
         return LlamaForCausalLM(LlamaConfig(**{**kw, "vocab_size": TOKENS}, rope_parameters=rope))
+    if family == "yarn":  # a Qwen3 with YaRN; mscale / mscale_all_dim give an attention factor of 1.0726
+        rope = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=8.0, beta_slow=0.5,
+                    mscale=0.9, mscale_all_dim=0.4, original_max_position_embeddings=YARN_ORIGINAL)  # fmt: skip
+        return Qwen3ForCausalLM(Qwen3Config(**kw, head_dim=16, rope_parameters=rope))
     moe = dict(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**kw, **moe, norm_topk_prob=family == "moe"))
 
@@ -134,13 +140,14 @@ def _run_all(rank, root):
         return init_distributed(ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep))
 
     groups = layout(tp=2)
-    ckpt = {}
+    ckpt, beyond = {}, {}
     for fam in FAMILIES:
         m = materialise(
             root / fam, groups, root / "cache", where=f"teachers[{FAMILIES.index(fam)}].checkpoint"
         )
-        ckpt[fam] = m.checkpoint
+        ckpt[fam], beyond[fam] = m.checkpoint, m.beyond_tokenizer
         out[f"{fam}_converted"] = m.converted
+    out["beyond"] = {k: str(v) if v else None for k, v in beyond.items()}
     out["again"] = materialise(root / "qwen3", groups, root / "cache").converted
     out["pairing"] = _pair_through_registry(
         groups, ckpt["qwen3"], materialise(root / "wide", groups, root / "cache")
@@ -154,6 +161,10 @@ def _run_all(rank, root):
     out["live_rows"] = (live.real_vocab_size, live.padded_vocab_size)
     out["qwen3_greedy"] = _greedy(live, groups, ids)
     export_hf(live, live_cfg(ckpt["qwen3"]), ckpt["qwen3"] / "hf", root / "qwen3_live", groups)
+    export_hf(
+        live, live_cfg(ckpt["qwen3"]), ckpt["qwen3"] / "hf", root / "qwen3_live_rows", groups,
+        beyond_tokenizer=beyond["qwen3"],
+    )  # fmt: skip
 
     groups = layout(tp=1, ep=2)
     for fam in ("moe", "moe_raw"):
@@ -286,16 +297,25 @@ def test_experts_are_split_over_the_ep_group(run):
     assert [r["moe_local_experts"] for r in results] == [2, 2]
 
 
-def test_rope_scaling_changes_the_logits(run):
-    """The llama3 test above would pass with scaling ignored only if it had no effect at these positions."""
-    from transformers import LlamaForCausalLM
+@pytest.mark.parametrize(
+    "family, rope",
+    [
+        ("llama3", {"rope_type": "default", "rope_theta": 50000.0}),
+        ("yarn", {"rope_type": "default", "rope_theta": 10000.0}),
+        # YaRN's frequencies without its attention factor
+        ("yarn", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 8.0, "beta_slow": 0.5,
+                  "attention_factor": 1.0, "original_max_position_embeddings": YARN_ORIGINAL}),
+    ],
+)  # fmt: skip
+def test_rope_scaling_changes_the_logits(run, family, rope):
+    """The tests above would pass with scaling (or YaRN's attention factor) ignored only if it had no
+    effect at these positions."""
+    from transformers import AutoModelForCausalLM
 
     root, ref, _ = run
-    plain = LlamaForCausalLM.from_pretrained(
-        root / "llama3", rope_parameters={"rope_type": "default", "rope_theta": 50000.0}
-    )
+    other = AutoModelForCausalLM.from_pretrained(root / family, rope_parameters=rope)
     with torch.no_grad():
-        assert (plain.eval()(_inputs()).logits - ref["llama3"]).abs().max() > 1e-2
+        assert (other.eval()(_inputs()).logits[..., :TOKENS] - ref[family]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -365,6 +385,21 @@ def test_live_export_loads_in_transformers_with_same_logits_and_greedy(run, fami
     assert text.startswith("<|im_start|>user\nw5<|im_end|>")
 
 
+def test_rows_beyond_the_tokenizer_come_back_from_the_source(run):
+    """Conversion keeps the source's rows beyond the tokenizer; an export given them writes them back
+    unchanged (a round trip through training leaves them as they were); without them they are zeros."""
+    root, _, results = run
+    beyond = results[0]["beyond"]
+    assert beyond["llama3"] is None  # as many rows as tokens: nothing to keep
+    assert HFWeights(beyond["qwen3"]).names() == ["model.embed_tokens.weight"]  # tied: no lm_head
+    name = "model.embed_tokens.weight"
+    source, kept, zeros = (HFWeights(root / d).read(name) for d in ("qwen3", "qwen3_live_rows", "qwen3_live"))
+    assert kept.shape == source.shape == (ROWS, 32)
+    assert torch.equal(kept[TOKENS:], source[TOKENS:]) and source[TOKENS:].abs().sum() > 0
+    torch.testing.assert_close(kept[:TOKENS], zeros[:TOKENS], atol=0, rtol=0)
+    assert not zeros[112:].any()  # past the live model's padded rows
+
+
 @pytest.mark.parametrize("family", ["qwen3", "llama3"])
 def test_export_from_two_pipeline_stages(run, family):
     from transformers import AutoModelForCausalLM
@@ -417,12 +452,57 @@ def test_llama3_frequencies_equal_transformers():
     torch.testing.assert_close(rope_inv_freq(cfg), expected.float(), atol=0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind, why", [("yarn", "attention factor"), ("dynamic", "sequence's length")])
-def test_unsupported_rope_scaling_says_why(kind, why):
-    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
-          "intermediate_size": 48, "vocab_size": 10, "rope_parameters": {"rope_type": kind, "rope_theta": 1e4, "factor": 2.0}}  # fmt: skip
-    with pytest.raises(ConversionError, match=f"RoPE scaling '{kind}' is not supported .*{why}"):
-        model_config_from_hf(hf)
+def _llama_config(**rope) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 10, "max_position_embeddings": 64,
+            "rope_parameters": {"rope_theta": 1e4, **rope}}  # fmt: skip
+
+
+def test_dynamic_rope_scaling_says_why():
+    with pytest.raises(ConversionError, match="RoPE scaling 'dynamic' is not supported .*sequence's length"):
+        model_config_from_hf(_llama_config(rope_type="dynamic", factor=2.0))
+
+
+@pytest.mark.parametrize(
+    "rope, fields",
+    [
+        # transformers' defaults: beta 32 / 1, attention factor from the factor alone
+        ({"factor": 4.0, "original_max_position_embeddings": 16},
+         {"rope_scaling_factor": 4.0, "rope_original_max_position": 16, "rope_yarn_beta_fast": 32.0,
+          "rope_yarn_beta_slow": 1.0, "rope_yarn_mscale": None, "rope_yarn_mscale_all_dim": None}),
+        # no factor: max_position_embeddings / original; no original: max_position_embeddings
+        ({"original_max_position_embeddings": 16}, {"rope_scaling_factor": 4.0, "rope_original_max_position": 16}),
+        ({"factor": 2.0}, {"rope_scaling_factor": 2.0, "rope_original_max_position": 64}),
+        ({"factor": 8.0, "original_max_position_embeddings": 8, "beta_fast": 16, "beta_slow": 2, "mscale": 0.7,
+          "mscale_all_dim": 0.3, "attention_factor": (1 + 0.07 * math.log(8)) / (1 + 0.03 * math.log(8))},
+         {"rope_scaling_factor": 8.0, "rope_yarn_beta_fast": 16.0, "rope_yarn_beta_slow": 2.0,
+          "rope_yarn_mscale": 0.7, "rope_yarn_mscale_all_dim": 0.3}),
+    ],
+)  # fmt: skip
+def test_yarn_settings_map_both_ways(rope, fields):
+    from opd_megatron.models.hf_convert import hf_config_from_model_config
+
+    hf = _llama_config(rope_type="yarn", **rope)
+    _, cfg = model_config_from_hf(hf)
+    assert cfg.rope_scaling == "yarn"
+    assert {k: getattr(cfg, k) for k in fields} == fields
+    for base in (hf, None):  # exported over the imported config, and from scratch
+        back = hf_config_from_model_config(cfg, 10, "LlamaForCausalLM", torch.float32, base)
+        assert back["rope_parameters" if base else "rope_scaling"]["rope_type"] == "yarn"
+        assert model_config_from_hf(back)[1] == cfg
+
+
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"factor": 4.0, "attention_factor": 2.0}, "attention_factor=2.0 differs from the 1.13863"),
+        ({"factor": 4.0, "truncate": False}, "truncate=false is not supported"),
+        ({"factor": 4.0, "beta_fast": 1.0, "beta_slow": 2.0}, "rope_yarn_beta_slow: must be in"),
+    ],
+)
+def test_yarn_settings_the_model_cannot_compute_are_refused(rope, message):
+    with pytest.raises(ConversionError, match=message):
+        model_config_from_hf(_llama_config(rope_type="yarn", **rope))
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +517,25 @@ def test_hf_dir_gives_model_and_tokenizer_configs(qwen3_dir, tmp_path):
     cfg, tok = config_from_dir(qwen3_dir)
     assert (cfg.head_dim, cfg.kv_channels, cfg.qk_layernorm, cfg.vocab_size) == (12, 12, True, ROWS)
     assert tok.kind == "hf" and tok.path == str(qwen3_dir.resolve())
-    assert tok.chat_template == "chatml"
+    assert tok.chat_template == "model"  # the directory's own Jinja template
+
+
+def test_hf_directory_chat_template_defaults(qwen3_dir, tmp_path):
+    """The model's own template where the directory has one (in tokenizer_config.json or
+    chat_template.jinja); plain without one; a SentencePiece model the built-in template its Jinja
+    template's markers name (``model`` renders through an HF tokenizer directory only)."""
+    from opd_megatron.models.hf_dir import guess_chat_template, tokenizer_config_from_hf
+
+    none = _copy_dir(qwen3_dir, tmp_path / "none")
+    (none / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert tokenizer_config_from_hf(none).chat_template == "plain"
+    jinja = _copy_dir(none, tmp_path / "jinja")
+    (jinja / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert tokenizer_config_from_hf(jinja).chat_template == "model"
+    spm = _copy_dir(qwen3_dir, tmp_path / "spm", skip=("tokenizer.json",))
+    (spm / "tokenizer.model").write_bytes(b"")  # only its name is read here
+    assert tokenizer_config_from_hf(spm).kind == "sentencepiece"
+    assert tokenizer_config_from_hf(spm).chat_template == guess_chat_template(qwen3_dir) == "chatml"
 
 
 def test_merge_model_config_names_both_values(qwen3_dir):
@@ -459,11 +557,51 @@ def test_run_config_mapping_takes_model_and_tokenizer_from_the_hf_directory(qwen
            "parallel": {"tensor_model_parallel_size": 2}}  # fmt: skip
     cfg = from_dict(RunConfig, apply_hf_model_config(raw))
     assert (cfg.model.hidden_size, cfg.model.head_dim, cfg.model.params_dtype) == (32, 12, "bf16")
-    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.chat_template == "chatml"
+    assert cfg.tokenizer.kind == "hf" and cfg.tokenizer.chat_template == "model"
+    # A template the user chose is kept, with the directory's tokenizer.
+    chosen = from_dict(RunConfig, apply_hf_model_config({**raw, "tokenizer": {"chat_template": "chatml"}}))
+    assert (chosen.tokenizer.chat_template, chosen.tokenizer.path) == ("chatml", str(qwen3_dir.resolve()))
     plain = {"train": {"init_checkpoint": "runs/x/checkpoints"}}
     assert apply_hf_model_config(plain) is plain
     with pytest.raises(ConfigError, match=r"model\.num_attention_heads: given 8 but the HF config says 4"):
         apply_hf_model_config({**raw, "model": {"num_attention_heads": 8}})
+
+
+def _padded_elsewhere(rank, hf_dir: str, cache: str, divisible_by: int):
+    """A run of an HF directory with its own ``make_vocab_size_divisible_by`` loads the conversion
+    (padded at 16) and computes transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_megatron.config import ParallelConfig, RunConfig, from_dict
+    from opd_megatron.distributed import init_distributed
+    from opd_megatron.models.checkpoint import load_model_weights
+    from opd_megatron.models.gpt import build_gpt_model
+    from opd_megatron.models.hf_dir import apply_hf_model_config
+    from opd_megatron.tokenization import load_tokenizer
+
+    raw = {"train": {"init_checkpoint": hf_dir}, "model": {"make_vocab_size_divisible_by": divisible_by}}
+    cfg = from_dict(RunConfig, apply_hf_model_config(raw))
+    groups = init_distributed(ParallelConfig())
+    converted = materialise(hf_dir, groups, cache)
+    tok = load_tokenizer(cfg.tokenizer)
+    model = build_gpt_model(cfg.model, groups, tok.vocab_size, seed=3)
+    load_model_weights(converted.checkpoint, model)
+    ids = torch.randint(0, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model.eval()(ids, torch.arange(9).expand_as(ids), None)[..., : tok.vocab_size]
+        ref = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(ids).logits[..., : tok.vocab_size]
+    conv_rows = converted.model.vocab_size
+    return cfg.model.make_vocab_size_divisible_by, model.padded_vocab_size, conv_rows, ours, ref
+
+
+def test_make_vocab_size_divisible_by_is_the_runs_choice(tmp_path):
+    from tests.hf_model_dirs import tiny_qwen3_dir
+
+    hf_dir = tiny_qwen3_dir(tmp_path / "qwen3", seed=5, extra_rows=20)  # 500 tokens, 520 rows
+    args = (str(hf_dir), str(tmp_path / "cache"), 64)
+    divisible_by, padded, rows, ours, ref = run_ranks(_padded_elsewhere, 1, timeout=300, args=args)[0]
+    assert (divisible_by, padded, rows) == (64, 512, 520)  # the conversion's embedding: 528 rows (16)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
 def _copy_dir(src: Path, dst: Path, skip=()) -> Path:

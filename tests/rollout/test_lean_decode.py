@@ -22,6 +22,14 @@ FAMILIES = {
         "rope_original_max_position": 16,
         "rotary_base": 500000.0,
     },
+    # Positions beyond the original context, and an attention factor other than 1 (0.1 ln 4 + 1).
+    "yarn": {
+        "rope_scaling": "yarn",
+        "rope_scaling_factor": 4.0,
+        "rope_original_max_position": 4,
+        "rope_yarn_beta_fast": 8.0,
+        "rope_yarn_beta_slow": 0.5,
+    },
     "untied": {"tie_embeddings": False},
 }
 
@@ -76,6 +84,8 @@ def _step_logits(model, groups, lean: bool, steps: int = 4) -> list[torch.Tensor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lean_logits_equal_megatron_forward(groups, family):
     model = _model(groups, **FAMILIES[family])
+    if family == "yarn":
+        assert type(model.rotary_pos_emb).__name__ == "YarnRotaryEmbedding"
     lean, megatron = _step_logits(model, groups, True), _step_logits(model, groups, False)
     for t, (a, b) in enumerate(zip(lean, megatron)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{family}: step {t}")
