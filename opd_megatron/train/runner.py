@@ -178,14 +178,34 @@ class TrainingRun:
                     f"{self.kind} {self.cfg.name}: finished at step {start}; {self.resumed_from}", flush=True
                 )
             return RunSummary(start, {}, self.evaluate(), self.resumed_from, time.monotonic() - t_start)
-        # On resume the log keeps the records up to the checkpoint (later ones move to a side file).
-        metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume_step=start if start else None)
+        # One handler per run, uninstalled when it ends: a request it could not act on (it came during
+        # the last step, the final evaluation or save) stops the next run of this process at once.
         preempt = PreemptionHandler.install()
+        try:
+            if preempt.sync(None):
+                preempt.finish(None)
+            # On resume the log keeps the records up to the checkpoint (later ones move to a side file).
+            metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume_step=start if start else None)
+            first, history = self.train_loop(start, metrics, preempt)
+            last = self.evaluate()
+            metrics.log("eval", tc.steps, last)
+            ckpt = self.save(tc.steps)
+            if tc.export_hf:
+                self.export(Path(tc.export_hf))
+            metrics.close()
+        finally:
+            preempt.uninstall(keep_request=True)
+        return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
+
+    def train_loop(self, start: int, metrics: MetricsLogger, preempt: PreemptionHandler) -> tuple[dict, list]:
+        """Steps ``start + 1 .. train.steps`` with their evaluations and saves (a stop request saves and
+        exits); returns the first evaluation (a fresh start's) and the steps' records."""
+        tc = self.tc
         first = self.evaluate() if start == 0 else {}
         if first:
             metrics.log("eval", 0, first)
         progress = Progress(
-            tc.steps, f"{self.kind} {self.cfg.name}", enabled=g.is_main and tc.progress, start=start,
+            tc.steps, f"{self.kind} {self.cfg.name}", enabled=self.groups.is_main and tc.progress, start=start,
             log_every=tc.log_every,
         )  # fmt: skip
         history = []
@@ -206,14 +226,7 @@ class TrainingRun:
                 metrics.close()
                 preempt.finish(ckpt)
         progress.close()
-        last = self.evaluate()
-        metrics.log("eval", tc.steps, last)
-        ckpt = self.save(tc.steps)
-        if tc.export_hf:
-            self.export(Path(tc.export_hf))
-        metrics.close()
-        return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
-
+        return first, history
 
 def domain_values(record: dict, prefix: str) -> dict[str, float]:
     """``{domain: value}`` of the ``prefix/<domain>`` entries of an evaluation record."""
