@@ -228,6 +228,7 @@ class TrainingRun:
         progress.close()
         return first, history
 
+
 def domain_values(record: dict, prefix: str) -> dict[str, float]:
     """``{domain: value}`` of the ``prefix/<domain>`` entries of an evaluation record."""
     return {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith(prefix + "/")}
