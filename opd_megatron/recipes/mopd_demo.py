@@ -14,6 +14,9 @@ and schedule:
 - a single generalist teacher instead of the experts;
 - an equal-weight mixture of all experts instead of routing.
 
+Stage-2 runs resume from their checkpoints: a job stopped in the middle of one (Ctrl-C, a preemption)
+continues it where it stopped, and a finished one reports the evaluations it logged.
+
 With ``seeds > 1`` the whole pipeline (stage 1 included) runs once per seed under ``seed<k>/``; the
 table gives mean +- std over seeds. The table goes to the console and, with every cell per seed, to
 ``results.json``; the curves of every run to ``curves.png`` next to it.
@@ -165,10 +168,41 @@ def mopd_config(
             log_every=budget.log_every,
             output_dir=f"{root}/{name}",
             init_checkpoint=student_init,
-            resume=False,
             seed=TrainConfig.seed + seed,
         ),
     )
+
+
+def set_aside_if_changed(cfg: RunConfig) -> Path | None:
+    """A stage-2 run resumes from its checkpoints, unless its directory holds a run of another
+    configuration (another budget or override): that one is moved to ``<dir>.previous<k>`` (said on the
+    console) and the run starts afresh. Returns where it went (None: nothing moved). The global main rank
+    decides; the others learn of it from the resume's collective checkpoint search."""
+    import os
+
+    import yaml
+
+    from opd_megatron.config import to_dict
+
+    out = Path(cfg.train.output_dir)
+    saved = out / "config.yaml"
+    if int(os.environ.get("RANK", "0")) != 0 or not (out / "checkpoints").is_dir() or not saved.is_file():
+        return None
+    try:
+        if yaml.safe_load(saved.read_text()) == to_dict(cfg):
+            return None
+    except yaml.YAMLError:
+        pass  # unreadable: not a run this configuration can vouch for
+    k = 1
+    while out.with_name(f"{out.name}.previous{k}").exists():
+        k += 1
+    aside = out.with_name(f"{out.name}.previous{k}")
+    out.rename(aside)
+    print(
+        f"{cfg.name}: {out} holds a run of another configuration; moved to {aside}, starting afresh",
+        flush=True,
+    )
+    return aside
 
 
 def expert_teachers(experts: dict[str, str]) -> list[TeacherConfig]:
@@ -317,6 +351,7 @@ def run_stage2(cfgs: dict[str, RunConfig], seed: int, clock: Clock) -> dict:
     results, trainers = {}, {}
     for label, cfg in cfgs.items():
         clock.start(f"seed {seed}: {label}", f"stage 2, into {cfg.train.output_dir}")
+        set_aside_if_changed(cfg)
         trainer = (SeqKDTrainer if RUN_KIND[label] == "seqkd" else OPDTrainer)(cfg)
         results[label], trainers[label] = trainer.run(), trainer
         clock.finish(False)

@@ -167,6 +167,18 @@ class OPDTrainer(TrainingRun):
     def extra_models(self) -> dict | None:
         return {"teacher": self.teacher.model} if isinstance(self.teacher, SelfTeacher) else None
 
+    def rank_state(self) -> dict:
+        counts = {"rollouts": dict(self.orch.rollouts), "tokens": dict(self.orch.tokens)}
+        return {**super().rank_state(), "teacher_counts": counts}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Besides the skeleton's state, the teachers' rollout and token counts (they run over all steps,
+        so a resumed run's counters continue where the interrupted one's stopped)."""
+        super().load_rank_state(state)
+        counts = state.get("teacher_counts", {})
+        self.orch.rollouts.update(counts.get("rollouts", {}))
+        self.orch.tokens.update(counts.get("tokens", {}))
+
     def on_resume(self, ckpt: Path) -> None:
         if isinstance(self.teacher, SelfTeacher):
             load_model_weights(ckpt, self.teacher.model, subdir="teacher")

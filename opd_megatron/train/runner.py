@@ -35,7 +35,7 @@ from opd_megatron.models.checkpoint import (
 from opd_megatron.models.hf_export import export_hf
 from opd_megatron.train.batch import DataCursor
 from opd_megatron.train.hf_sources import materialise_sources
-from opd_megatron.train.metrics import MetricsLogger, Progress
+from opd_megatron.train.metrics import MetricsLogger, Progress, logged_record
 from opd_megatron.train.preemption import PreemptionHandler
 
 
@@ -152,6 +152,10 @@ class TrainingRun:
         self.resumed_from = ckpt
         return read_meta(ckpt)["step"]
 
+    def logged_eval(self, step: int) -> dict:
+        """The evaluation record this run's ``metrics.jsonl`` holds for ``step`` (``{}`` if none)."""
+        return logged_record(self.out_dir / "metrics.jsonl", "eval", step)
+
     def export(self, out: Path) -> Path:
         """Write the model as a Hugging Face directory (collective): the tokenizer files come from the
         Hugging Face directory the run started from, else from the run's ``hf`` tokenizer."""
@@ -177,7 +181,9 @@ class TrainingRun:
                 print(
                     f"{self.kind} {self.cfg.name}: finished at step {start}; {self.resumed_from}", flush=True
                 )
-            return RunSummary(start, {}, self.evaluate(), self.resumed_from, time.monotonic() - t_start)
+            # Its results are the evaluations it logged (evaluated again only when its log lacks them).
+            last = self.logged_eval(start) or self.evaluate()
+            return RunSummary(start, self.logged_eval(0), last, self.resumed_from, time.monotonic() - t_start)
         # One handler per run, uninstalled when it ends: a request it could not act on (it came during
         # the last step, the final evaluation or save) stops the next run of this process at once.
         preempt = PreemptionHandler.install()
@@ -199,11 +205,14 @@ class TrainingRun:
 
     def train_loop(self, start: int, metrics: MetricsLogger, preempt: PreemptionHandler) -> tuple[dict, list]:
         """Steps ``start + 1 .. train.steps`` with their evaluations and saves (a stop request saves and
-        exits); returns the first evaluation (a fresh start's) and the steps' records."""
+        exits); returns the evaluation before training (on resume: the one this run logged at its fresh
+        start, ``{}`` when the log lacks it) and the steps' records."""
         tc = self.tc
-        first = self.evaluate() if start == 0 else {}
-        if first:
+        if start == 0:
+            first = self.evaluate()
             metrics.log("eval", 0, first)
+        else:
+            first = self.logged_eval(0)
         progress = Progress(
             tc.steps, f"{self.kind} {self.cfg.name}", enabled=self.groups.is_main and tc.progress, start=start,
             log_every=tc.log_every,
