@@ -153,6 +153,7 @@ TEACHER_CASES = [
     ),
     ({"name": "t", "checkpoint": "/nonexistent/teacher"}, [], "/nonexistent/teacher"),
 ]
+MISSING_FILES = {"/nonexistent/teacher"}
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -166,6 +167,7 @@ def test_bad_config_is_one_line_naming_the_field(override, field, tmp_path, caps
     code, err = _cli(["sft", override, f"train.output_dir={tmp_path}/out"], capsys)
     assert code == 2, err
     assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("config error: "), err  # a ConfigError, reported as one
     assert field in err, err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
@@ -176,12 +178,15 @@ def test_bad_config_is_one_line_naming_the_field(override, field, tmp_path, caps
 def test_bad_teacher_config_is_one_line_naming_the_field(
     teacher, extra, field, tmp_path, capsys, monkeypatch
 ):
+    # A missing checkpoint is a CheckpointError ("error:"); the others are configuration errors.
+    prefix = "error: " if field in MISSING_FILES else "config error: "
     monkeypatch.delenv("OPD_NO_SUCH_VARIABLE", raising=False)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"teachers": [teacher], "train": {"output_dir": str(tmp_path / "out")}}))
     code, err = _cli(["run", str(cfg), *extra], capsys)
     assert code == 2, err
     assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(prefix), err
     assert field in err, err
     assert not (tmp_path / "out").exists()
 
@@ -189,10 +194,12 @@ def test_bad_teacher_config_is_one_line_naming_the_field(
 def test_a_config_file_that_is_not_there_or_not_a_mapping(tmp_path, capsys):
     code, err = _cli(["sft", str(tmp_path / "missing.yaml")], capsys)
     assert code == 2 and "config file not found" in err and "Traceback" not in err
+    assert err.startswith("config error: ") and err.count("\n") == 1, err
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
     code, err = _cli(["sft", str(bad)], capsys)
     assert code == 2 and "top level must be a mapping" in err
+    assert err.startswith("config error: ") and err.count("\n") == 1, err
 
 
 # Bad data rows go through a real process (the data is read after the process group is up): each is
@@ -208,23 +215,24 @@ DATA_CASES = [
 ]
 
 
-def test_bad_data_rows_name_file_and_line_and_train_nothing(tmp_path):
+@pytest.mark.parametrize("row,needle", DATA_CASES, ids=[c[1] + str(i) for i, c in enumerate(DATA_CASES)])
+def test_bad_data_row_names_file_and_line_and_trains_nothing(row, needle, tmp_path):
     path = tmp_path / "rows.jsonl"
     good = '{"prompt": "reverse ab=", "domain": "reversal", "reference": "ba"}'
-    for i, (row, needle) in enumerate(DATA_CASES):
-        path.write_text("\n".join([good, good, row]) + "\n")
-        out = tmp_path / f"out{i}"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-        }
-        proc = subprocess.run(
-            [sys.executable, "-m", "opd_megatron.cli", "sft", f"data.train_path={path}", "data.domains=[]",
-             "train.steps=2", f"train.output_dir={out}", "train.progress=false"],
-            capture_output=True, text=True, timeout=240, env=env,
-        )  # fmt: skip
-        assert proc.returncode == 2, (row, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert f"{path}:3" in proc.stderr and needle in proc.stderr, (row, proc.stderr)
-        assert not Path(out, "checkpoints").exists()
+    path.write_text("\n".join([good, good, row]) + "\n")
+    out = tmp_path / "out"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_megatron.cli", "sft", f"data.train_path={path}", "data.domains=[]",
+         "train.steps=2", f"train.output_dir={out}", "train.progress=false"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, (row, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # A data error (DataError), not a configuration error: the CLI's "error:" prefix, on one line.
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    assert line.startswith("error: "), proc.stderr
+    assert f"{path}:3" in line and needle in line, (row, proc.stderr)
+    assert not Path(out, "checkpoints").exists()
