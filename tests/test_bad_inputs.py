@@ -236,3 +236,39 @@ def test_bad_data_row_names_file_and_line_and_trains_nothing(row, needle, tmp_pa
     assert line.startswith("error: "), proc.stderr
     assert f"{path}:3" in line and needle in line, (row, proc.stderr)
     assert not Path(out, "checkpoints").exists()
+
+
+# A held-out prompt longer than the context leaves for the evaluation's completion: named by file and line
+# at start-up, for SFT and for OPD alike (the OPD run stops before its teacher is even loaded).
+_LONG_EVAL_RUNS = {
+    "sft": ["sft"],
+    "run": ["run", "teachers=[{name: t, checkpoint: /nonexistent/teacher}]", "rollout.max_new_tokens=8"],
+}
+
+
+@pytest.mark.parametrize("command", list(_LONG_EVAL_RUNS))
+def test_an_eval_prompt_longer_than_the_context_is_named_before_training(command, tmp_path):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(f'{{"prompt": "reverse {w}=", "domain": "reversal", "reference": "{w[::-1]}"}}\n'
+                             for w in ("ab", "abc", "bcd")))  # fmt: skip
+    long_prompt = "reverse " + "x" * 60 + "="  # 70 tokens with BOS, in a 32-token context
+    held_out.write_text(
+        '{"prompt": "reverse cd=", "domain": "reversal", "reference": "dc"}\n'
+        f'{{"prompt": "{long_prompt}", "domain": "reversal", "reference": "x"}}\n'
+    )
+    out = tmp_path / "out"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_megatron.cli", *_LONG_EVAL_RUNS[command], f"data.train_path={train}",
+         f"data.eval_path={held_out}", "data.domains=[]", "model.max_sequence_length=32", "train.steps=2",
+         "train.micro_batch_size=2", f"train.output_dir={out}", "train.progress=false"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    assert line.startswith(f"error: {held_out}:2: the prompt is 70 tokens, longer than"), proc.stderr
+    assert "model.max_sequence_length=32" in line
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

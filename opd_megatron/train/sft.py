@@ -62,6 +62,9 @@ class SFTRun(TrainingRun):
         self.render = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)
         """Row -> prompt ids under the model's chat template; completions end at its end-of-turn token."""
         self.examples = self.encode_all()
+        self.max_new = max(len(self.tokenizer.encode(r.reference or "")) for r in self.train_rows[:512]) + 2
+        """Tokens the evaluation generates at most: the longest training reference, its end, one spare."""
+        self.check_eval_prompts()
         self.model = build_gpt_model(
             cfg.model,
             self.groups,
@@ -71,7 +74,6 @@ class SFTRun(TrainingRun):
         )
         self.optimizer = make_optimizer(self.model, cfg.train, self.groups)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
-        self.max_new = max(len(self.tokenizer.encode(r.reference or "")) for r in self.train_rows[:512]) + 2
         self.last_loss = float("nan")
 
     def resume(self) -> int:
@@ -111,6 +113,17 @@ class SFTRun(TrainingRun):
                 errors.lines.append(str(e))
         errors.raise_if_any()
         return out
+
+    def check_eval_prompts(self) -> None:
+        """Every held-out prompt renders and leaves room in the context for the ``max_new`` tokens the
+        evaluation generates: checked before training, every bad row named (file and line)."""
+        max_len = self.cfg.model.max_sequence_length
+        rows = [r for rs in self.eval_rows.values() for r in rs]
+        limit = (
+            f"model.max_sequence_length={max_len} - {self.max_new}, the evaluation's completion length: the "
+            "longest training reference + 2"
+        )
+        self.render.check(rows, max_prompt_tokens=max_len - self.max_new, limit=limit)
 
     def microbatches(self, step_rows: list[int]) -> tuple[list[MicroBatch], int]:
         """This DP rank's micro-batches of the step's rows, and the step's global completion tokens."""
