@@ -574,6 +574,12 @@ class TrainConfig:
     """Initial weights for a fresh run: a checkpoint directory of this project, or a Hugging Face model
     directory (converted once into ``output_dir/hf_cache``, keyed by its content, reused on resume; the
     ``model`` and ``tokenizer`` sections may then be omitted: they come from its config)."""
+    verify_checksums: bool = True
+    """Before a checkpoint is loaded as a teacher or as ``init_checkpoint``, compare the SHA-256 of every
+    file with its manifest (one rank reads the checkpoint once: about 270 MiB/s per CPU core, see
+    ``tools/bench/RESULTS_checkpoint_manifest.md``), so bytes changed in place are refused, naming the
+    file. ``false``: sizes only, for checkpoints too large to read once more at start-up. A resume always
+    verifies the checksums of the checkpoint it resumes from."""
     export_hf: str | None = None
     """After the last step, write the model as a Hugging Face directory here (safetensors, config,
     tokenizer files, chat template, generation config), atomically. Needs an ``hf`` tokenizer."""

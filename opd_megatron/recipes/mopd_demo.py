@@ -209,24 +209,34 @@ def expert_teachers(experts: dict[str, str]) -> list[TeacherConfig]:
     return [TeacherConfig(name=f"{d}-expert", checkpoint=ckpt, domains=[d]) for d, ckpt in experts.items()]
 
 
+def finished_sft(cfg: RunConfig, quiet: bool = True) -> Path | None:
+    """The newest *intact* checkpoint of ``cfg``'s SFT (every file checked against its manifest) when it
+    reached ``cfg.train.steps``, else None. Damaged ones are passed over (named on stderr unless
+    ``quiet``); with every checkpoint damaged the SFT's resume stops with that error."""
+    from opd_megatron.models.checkpoint import CheckpointError, find_resume_checkpoint, read_meta
+
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    try:
+        found = find_resume_checkpoint(root, **({"report": lambda line: None} if quiet else {}))
+    except CheckpointError:
+        return None
+    return found if found is not None and read_meta(found)["step"] >= cfg.train.steps else None
+
+
 def cached_sft(cfg: RunConfig) -> Path:
-    """The final checkpoint of ``cfg``'s SFT, trained now unless a complete one is already on disk."""
-    from opd_megatron.models.checkpoint import latest_checkpoint, read_meta
+    """The final checkpoint of ``cfg``'s SFT, trained now unless an intact complete one is on disk."""
     from opd_megatron.train.sft import run_sft
 
-    latest = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
-    if latest is not None and read_meta(latest)["step"] >= cfg.train.steps:
-        print(f"{cfg.name}: reusing {latest}", flush=True)
-        return latest
+    done = finished_sft(cfg, quiet=False)
+    if done is not None:
+        print(f"{cfg.name}: reusing {done}", flush=True)
+        return done
     print(f"{cfg.name}: SFT for {cfg.train.steps} steps", flush=True)
     return run_sft(cfg).checkpoint
 
 
 def is_cached(cfg: RunConfig) -> bool:
-    from opd_megatron.models.checkpoint import latest_checkpoint, read_meta
-
-    latest = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
-    return latest is not None and read_meta(latest)["step"] >= cfg.train.steps
+    return finished_sft(cfg) is not None
 
 
 # ---------------------------------------------------------------------------------------------- the job

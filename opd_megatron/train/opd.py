@@ -28,7 +28,7 @@ from opd_megatron.distributed import ParallelGroups, init_distributed
 from opd_megatron.distributed.grads import all_finite, dp_sum
 from opd_megatron.distributed.pipeline import broadcast_from_last_stage
 from opd_megatron.losses import gather_logprobs
-from opd_megatron.models.checkpoint import load_model_weights
+from opd_megatron.models.checkpoint import load_model_weights, verified_checkpoint
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
 from opd_megatron.mopd import MOPDOrchestrator, StepAborted
 from opd_megatron.mopd.orchestrator import Group
@@ -96,7 +96,8 @@ class OPDTrainer(TrainingRun):
             cfg.model, g, self.tokenizer.vocab_size, seed=cfg.train.seed, recompute=self.tc.recompute
         )
         if self.tc.init_checkpoint:
-            load_model_weights(self.tc.init_checkpoint, self.student)
+            init = verified_checkpoint(self.tc.init_checkpoint, checksums=self.tc.verify_checksums)
+            load_model_weights(init, self.student)
         # Before anything else holds the student: the distributed optimizer moves its parameters into
         # one contiguous buffer.
         self.optimizer = make_optimizer(self.student, self.tc, g)

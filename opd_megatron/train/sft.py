@@ -20,7 +20,7 @@ from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.data.rows import DataError, RowErrors
 from opd_megatron.distributed import ParallelGroups, init_distributed
-from opd_megatron.models.checkpoint import load_model_weights
+from opd_megatron.models.checkpoint import load_model_weights, verified_checkpoint
 from opd_megatron.models.gpt import build_gpt_model, num_parameters
 from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.train.batch import DataCursor, MicroBatch, sft_microbatches
@@ -79,7 +79,8 @@ class SFTRun(TrainingRun):
     def resume(self) -> int:
         start = super().resume()
         if start == 0 and self.tc.init_checkpoint:
-            load_model_weights(self.tc.init_checkpoint, self.model)
+            init = verified_checkpoint(self.tc.init_checkpoint, checksums=self.tc.verify_checksums)
+            load_model_weights(init, self.model)
         return start
 
     def describe(self, start: int) -> str:
