@@ -274,7 +274,7 @@ def check_run_identity(
     saved = read_meta(ckpt).get("identity")
     if not isinstance(saved, dict):
         return []
-    changes = identity_changes(saved, run_identity(config, job))
+    changes = identity_changes(saved, run_identity(config, job), _saved_config(ckpt))
     if changes and not force:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by a different run ({'; '.join(changes)}); resume it only on "
@@ -283,6 +283,17 @@ def check_run_identity(
     if changes:
         report(f"resuming {ckpt} although the run changed (forced): {'; '.join(changes)}")
     return changes
+
+
+def _saved_config(ckpt: str | Path) -> dict | None:
+    """The checkpoint's ``config.yaml`` as a plain mapping (None when missing or unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(ckpt) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_config(ckpt: str | Path) -> RunConfig:

@@ -9,8 +9,9 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 
-from opd_megatron.config import ModelConfig, RunConfig
+from opd_megatron.config import ModelConfig, RunConfig, TokenizerConfig
 from opd_megatron.models.checkpoint import (
     CheckpointError,
     check_run_identity,
@@ -224,6 +225,59 @@ def test_run_identity_names_the_changed_fields(root):
     reports: list[str] = []
     forced = check_run_identity(ckpt, other, "opd", force=True, report=reports.append)
     assert "model.hidden_size: 32 -> 64" in forced and "forced" in reports[0]
+
+
+# Fields that change the model, each with a value other than its default.
+MODEL_CHANGES = [
+    ("head_dim", 8), ("qk_layernorm", True), ("rope_scaling", "linear"), ("rope_scaling_factor", 2.0),
+    ("rope_low_freq_factor", 2.0), ("rope_high_freq_factor", 8.0), ("rope_original_max_position", 64),
+    ("num_experts", 4), ("moe_router_topk", 1), ("moe_norm_topk_prob", False), ("moe_ffn_hidden_size", 16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field,value", MODEL_CHANGES, ids=[c[0] for c in MODEL_CHANGES])
+def test_run_identity_covers_every_field_that_changes_the_model(root, field, value):
+    import dataclasses
+
+    ckpt = root / "step_0000003"
+    changed = _config()
+    # A factor applies only with its scaling on, the expert fields only to a mixture of experts.
+    extra = {"rope_scaling": "llama3"} if field.startswith(("rope_low", "rope_high", "rope_orig")) else {}
+    extra.update({"num_experts": 4} if field.startswith("moe_") else {})
+    changed.model = dataclasses.replace(changed.model, **extra, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"model\.{field}: .* -> {value!r}"):
+        check_run_identity(ckpt, changed, "sft")
+
+
+def test_run_identity_covers_the_template_variables(root):
+    ckpt = root / "step_0000003"
+    changed = _config()
+    changed.tokenizer = TokenizerConfig(kind="hf", path="tok", chat_template="model",
+                                        template_kwargs={"enable_thinking": False})  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.template_kwargs: \{\} -> \{'enable_thinking': False\}"
+    ):
+        check_run_identity(ckpt, changed, "sft")
+
+
+def test_an_identity_without_the_newer_fields_compares_them_as_saved_or_default(root):
+    ckpt = root / "step_0000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    newer = ("model.head_dim", "model.qk_layernorm", "model.num_experts", "tokenizer.template_kwargs")
+    for path in newer:  # as a checkpoint written before these fields were part of the identity
+        del meta["identity"]["fields"][path]
+    meta["identity"]["hash"] = "older"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert check_run_identity(ckpt, _config(), "sft") == []  # the defaults: still the same run
+    with pytest.raises(CheckpointError, match=r"model\.qk_layernorm: False -> True"):
+        check_run_identity(ckpt, _config(qk_layernorm=True), "sft")
+    # The checkpoint's config.yaml says what the run had: that is what a missing field compares as.
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved["model"]["qk_layernorm"] = True
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_run_identity(ckpt, _config(qk_layernorm=True), "sft") == []
+    with pytest.raises(CheckpointError, match=r"model\.qk_layernorm: True -> False"):
+        check_run_identity(ckpt, _config(), "sft")
 
 
 def test_a_checkpoint_without_identity_has_nothing_to_compare(root):
