@@ -9,7 +9,7 @@ exact-match evaluation per domain, atomic checkpoints and exact resume (the cade
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,12 @@ class SFTResult:
     eval_after: dict[str, float]
     checkpoint: Path
     wall_s: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Steps without an update, by reason (``nonfinite_grad``: a non-finite loss or gradient norm)."""
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(self.skipped.values())
 
 
 def sft_loss(output, mb: MicroBatch):
@@ -75,6 +81,8 @@ class SFTRun(TrainingRun):
         self.optimizer = make_optimizer(self.model, cfg.train, self.groups)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
         self.last_loss = float("nan")
+        self.skipped = {"nonfinite_grad": 0}
+        """Steps whose loss or gradient norm was not finite (no optimizer step)."""
 
     def resume(self) -> int:
         start = super().resume()
@@ -146,7 +154,7 @@ class SFTRun(TrainingRun):
         loss, _ = forward_backward(self.model, mbs, sft_forward, sft_loss, g, global_tokens, ("tokens",))
         gnorm, skipped = self.optimizer.step(loss, tc.grad_clip)
         if skipped:
-            self.skipped["nonfinite"] = self.skipped.get("nonfinite", 0) + 1
+            self.skipped["nonfinite_grad"] += 1
             if g.is_main:
                 print(
                     f"step {step + 1}: non-finite loss/grad norm ({loss}, {gnorm}); optimizer step skipped",
@@ -168,4 +176,6 @@ def run_sft(cfg: RunConfig, groups: ParallelGroups | None = None) -> SFTResult:
     job = SFTRun(cfg, groups)
     s = job.run()
     em = lambda rec: domain_values(rec, "exact_match")  # noqa: E731
-    return SFTResult(s.steps, job.last_loss, em(s.first_eval), em(s.last_eval), s.checkpoint, s.wall_s)
+    return SFTResult(
+        s.steps, job.last_loss, em(s.first_eval), em(s.last_eval), s.checkpoint, s.wall_s, dict(job.skipped)
+    )
