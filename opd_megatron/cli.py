@@ -97,8 +97,16 @@ def cmd_sft(args) -> int:
                 for d, v in result.eval_after.items()
             ],
         )
-        print(f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s)")
+        print(_summary_line(result))
     return 0
+
+
+def _summary_line(result) -> str:
+    """The last line of a run: its checkpoint, wall time and the steps it skipped, by reason."""
+    reasons = ", ".join(f"{k} {v}" for k, v in result.skipped.items())
+    return f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s, {result.skipped_steps} skipped steps" + (
+        f": {reasons})" if reasons else ")"
+    )
 
 
 def cmd_run(args) -> int:
@@ -121,11 +129,7 @@ def cmd_run(args) -> int:
         ]
         rows.append(["reverse KL to teacher", f"{result.kl_before:.4f}", f"{result.kl_after:.4f}"])
         print_table(f"OPD {cfg.name}: held-out exact match", ["domain", "before", "after"], rows)
-        print(
-            f"checkpoint: {result.checkpoint}  ({result.wall_s:.0f}s, {result.skipped_steps} skipped steps: "
-            + ", ".join(f"{k} {v}" for k, v in result.skipped.items())
-            + ")"
-        )
+        print(_summary_line(result))
     return 0
 
 

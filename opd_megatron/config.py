@@ -7,7 +7,8 @@ path, the bad value and what is allowed; unknown keys get a did-you-mean suggest
 
 Validation of a single section lives in its ``__post_init__`` and reports the field name relative to
 that section; :func:`from_dict` prefixes the path of the section, so the user always sees the full path
-(``parallel.tensor_model_parallel_size``).
+(``parallel.tensor_model_parallel_size``). Every section first checks that none of its numbers is NaN or
+infinite (:func:`_check_fields`), whichever way the config was built.
 """
 
 from __future__ import annotations
@@ -95,6 +96,27 @@ def _finite(value: float, path: str) -> None:
     _check(math.isfinite(value), path, f"must be a finite number, got {value!r}")
 
 
+def _check_finite_values(value: Any, path: str) -> None:
+    """Every float in ``value`` (a field's value; lists and mappings searched) is finite; nested config
+    sections check their own."""
+    if isinstance(value, float):
+        _finite(value, path)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_values(v, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_finite_values(v, f"{path}[{i}]")
+
+
+def _check_fields(obj: Any) -> None:
+    """The checks every config section runs first: no field holds NaN or an infinity (a float field, or a
+    float inside a list or mapping field), and every ``Literal`` field holds one of its values."""
+    for f in dataclasses.fields(obj):
+        _check_finite_values(getattr(obj, f.name), f.name)
+    _check_literals(obj)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +143,7 @@ class TokenizerConfig:
     """Extra variables for the model's Jinja template, e.g. ``{enable_thinking: false}`` for Qwen3."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(
             self.chat_template != "model" or self.kind == "hf",
             "chat_template",
@@ -211,7 +233,7 @@ class ModelConfig:
     """FP8 training through Transformer Engine's delayed-scaling recipe; needs CUDA and TE."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_sequence_length"):
             _check(
                 int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}"
@@ -225,6 +247,8 @@ class ModelConfig:
             )
         else:
             _check(self.head_dim > 0, "head_dim", f"must be a positive integer, got {self.head_dim!r}")
+        for name in ("norm_epsilon", "init_method_std", "rotary_base"):
+            _check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         if self.rope_scaling != "none":
             _check(
                 self.rope_scaling_factor >= 1.0,
@@ -302,7 +326,7 @@ class ParallelConfig:
     """Collective timeout; a hang fails after this long instead of stalling forever."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(self.tensor_model_parallel_size >= 1, "tensor_model_parallel_size", "must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "pipeline_model_parallel_size", "must be >= 1")
         _check(self.expert_model_parallel_size >= 1, "expert_model_parallel_size", "must be >= 1")
@@ -356,7 +380,7 @@ class TeacherConfig:
     """For ``placement: vllm``: the engine's KV-cache memory."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(bool(self.name), "name", "a teacher needs a non-empty name")
         if self.placement == "vllm":
             _check(
@@ -449,7 +473,7 @@ class LossConfig:
     """RLSD evidence-weight clip."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _one_of(self.divergence, DIVERGENCES, "divergence")
         _one_of(self.objective, OBJECTIVES, "objective")
         for name in ("on_policy_lambda", "lambda_start", "mix_alpha"):
@@ -460,6 +484,7 @@ class LossConfig:
         _check(self.gopd_lambda > 0, "gopd_lambda", f"must be > 0, got {self.gopd_lambda}")
         _check(self.aopd_topk >= 1, "aopd_topk", "must be >= 1")
         _check(self.opsd_tau >= 0, "opsd_tau", "must be >= 0")
+        _check(self.rlsd_eps >= 0, "rlsd_eps", f"must be >= 0, got {self.rlsd_eps}")
         _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
         _check(0.0 <= self.skew_alpha < 1.0, "skew_alpha", f"must be in [0, 1), got {self.skew_alpha}")
         _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -512,7 +537,7 @@ class RolloutConfig:
     """Cap C of the truncated importance weight ``min(pi / mu, C)``."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(self.vllm_kv_cache_mb > 0, "vllm_kv_cache_mb", f"must be > 0, got {self.vllm_kv_cache_mb}")
         _check(
             self.vllm_max_num_seqs >= 1, "vllm_max_num_seqs", f"must be >= 1, got {self.vllm_max_num_seqs}"
@@ -571,6 +596,12 @@ class TrainConfig:
     """Initial weights for a fresh run: a checkpoint directory of this project, or a Hugging Face model
     directory (converted once into ``output_dir/hf_cache``, keyed by its content, reused on resume; the
     ``model`` and ``tokenizer`` sections may then be omitted: they come from its config)."""
+    verify_checksums: bool = True
+    """Before a checkpoint is loaded as a teacher or as ``init_checkpoint``, compare the SHA-256 of every
+    file with its manifest (one rank reads the checkpoint once: about 270 MiB/s per CPU core, see
+    ``tools/bench/RESULTS_checkpoint_manifest.md``), so bytes changed in place are refused, naming the
+    file. ``false``: sizes only, for checkpoints too large to read once more at start-up. A resume always
+    verifies the checksums of the checkpoint it resumes from."""
     export_hf: str | None = None
     """After the last step, write the model as a Hugging Face directory here (safetensors, config,
     tokenizer files, chat template, generation config), atomically. Needs an ``hf`` tokenizer."""
@@ -597,12 +628,10 @@ class TrainConfig:
     parallelism 1 and no sequence parallelism."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(self.steps > 0, "steps", f"must be > 0, got {self.steps}")
         _check(self.micro_batch_size > 0, "micro_batch_size", f"must be > 0, got {self.micro_batch_size}")
         _check(self.grad_accumulation > 0, "grad_accumulation", f"must be > 0, got {self.grad_accumulation}")
-        _finite(self.lr, "lr")
-        _finite(self.min_lr, "min_lr")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
@@ -612,8 +641,9 @@ class TrainConfig:
         _check(
             self.save_every >= 0, "save_every", f"must be >= 0 (0: only at the end), got {self.save_every}"
         )
-        for name in ("weight_decay", "grad_clip", "adam_beta1", "adam_beta2"):
-            _finite(getattr(self, name), name)
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         _check(
             self.max_tokens_per_microbatch >= 0,
             "max_tokens_per_microbatch",
@@ -662,7 +692,7 @@ class DataConfig:
     """Domain size knob (number of digits / characters)."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(
             bool(self.domains) or bool(self.train_path), "domains", "no built-in domains and no train_path"
         )
@@ -702,7 +732,7 @@ class LaunchConfig:
     user: str | None = None
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(self.nodes >= 1, "nodes", "must be >= 1")
         _check(self.gpus_per_node >= 1, "gpus_per_node", "must be >= 1")
         if self.tunnel == "ssh":
@@ -741,7 +771,7 @@ class MOPDConfig:
     """Consecutive steps aborted by a failing teacher before the run stops with that teacher's error."""
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         _check(self.mixture_temperature > 0, "mixture_temperature", "must be > 0")
         _check(self.disagreement_every >= 0, "disagreement_every", "must be >= 0")
         _check(self.max_teacher_failures >= 1, "max_teacher_failures", "must be >= 1")
@@ -767,7 +797,7 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self):
-        _check_literals(self)
+        _check_fields(self)
         tp, pp = self.parallel.tp, self.parallel.pp
         _check(
             self.model.num_attention_heads % tp == 0,

@@ -77,6 +77,34 @@ CONFIG_CASES = [
     ("mopd.confidence=margin", "mopd.confidence"),
     ("launch.executor=k8s", "launch.executor"),
     ("launch.nodes=0", "launch.nodes"),
+    # Every float field is finite; the obvious ranges hold.
+    ("model.norm_epsilon=.nan", "model.norm_epsilon"),
+    ("model.norm_epsilon=0", "model.norm_epsilon"),
+    ("model.init_method_std=.nan", "model.init_method_std"),
+    ("model.init_method_std=-0.02", "model.init_method_std"),
+    ("model.rotary_base=.inf", "model.rotary_base"),
+    ("model.rotary_base=0", "model.rotary_base"),
+    ("model.rope_scaling_factor=.inf", "model.rope_scaling_factor"),
+    ("model.rope_low_freq_factor=.nan", "model.rope_low_freq_factor"),
+    ("model.rope_high_freq_factor=.inf", "model.rope_high_freq_factor"),
+    ("model.moe_aux_loss_coeff=.nan", "model.moe_aux_loss_coeff"),
+    ("loss.temperature=.inf", "loss.temperature"),
+    ("loss.temperature=.nan", "loss.temperature"),
+    ("loss.rlsd_eps=.nan", "loss.rlsd_eps"),
+    ("loss.rlsd_eps=-0.1", "loss.rlsd_eps"),
+    ("loss.gopd_lambda=.inf", "loss.gopd_lambda"),
+    ("loss.opsd_tau=.inf", "loss.opsd_tau"),
+    ("loss.cross_kl_weight=.inf", "loss.cross_kl_weight"),
+    ("loss.uld_weight=.nan", "loss.uld_weight"),
+    ("rollout.temperature=.nan", "rollout.temperature"),
+    ("rollout.temperature=.inf", "rollout.temperature"),
+    ("rollout.vllm_kv_cache_mb=.inf", "rollout.vllm_kv_cache_mb"),
+    ("rollout.tis_cap=.inf", "rollout.tis_cap"),
+    ("mopd.mixture_temperature=.inf", "mopd.mixture_temperature"),
+    ("mopd.pass_rates.addition.t=.nan", "mopd.pass_rates.addition.t"),
+    ("train.adam_beta1=1", "train.adam_beta1"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.grad_clip=.inf", "train.grad_clip"),
 ]
 
 # (teacher entry, extra overrides, the field path the message must name) for `opd-megatron run`
@@ -101,6 +129,13 @@ TEACHER_CASES = [
     ({"name": "t", "placement": "self", "self_mode": "swa"}, [], "teachers[0].self_mode"),
     ({"name": "t", "checkpoint": "x", "domains": "reversal"}, [], "teachers[0].domains"),
     ({"name": "t", "checkpoint": "x"}, ["mopd.default_teacher=nobody"], "mopd.default_teacher"),
+    ({"name": "t", "checkpoint": "x"}, ["teachers.0.weight=.nan"], "teachers[0].weight"),
+    ({"name": "t", "checkpoint": "x"}, ["teachers.0.vllm_kv_cache_mb=.inf"], "teachers[0].vllm_kv_cache_mb"),
+    (
+        {"name": "t", "placement": "remote", "url": "http://127.0.0.1:9"},
+        ["teachers.0.timeout_s=.inf"],
+        "teachers[0].timeout_s",
+    ),
     (
         {"name": "t", "placement": "remote", "url": "http://127.0.0.1:9"},
         ["loss.objective=tinker"],
@@ -118,6 +153,7 @@ TEACHER_CASES = [
     ),
     ({"name": "t", "checkpoint": "/nonexistent/teacher"}, [], "/nonexistent/teacher"),
 ]
+MISSING_FILES = {"/nonexistent/teacher"}
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -131,6 +167,7 @@ def test_bad_config_is_one_line_naming_the_field(override, field, tmp_path, caps
     code, err = _cli(["sft", override, f"train.output_dir={tmp_path}/out"], capsys)
     assert code == 2, err
     assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("config error: "), err  # a ConfigError, reported as one
     assert field in err, err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
@@ -141,12 +178,15 @@ def test_bad_config_is_one_line_naming_the_field(override, field, tmp_path, caps
 def test_bad_teacher_config_is_one_line_naming_the_field(
     teacher, extra, field, tmp_path, capsys, monkeypatch
 ):
+    # A missing checkpoint is a CheckpointError ("error:"); the others are configuration errors.
+    prefix = "error: " if field in MISSING_FILES else "config error: "
     monkeypatch.delenv("OPD_NO_SUCH_VARIABLE", raising=False)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"teachers": [teacher], "train": {"output_dir": str(tmp_path / "out")}}))
     code, err = _cli(["run", str(cfg), *extra], capsys)
     assert code == 2, err
     assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(prefix), err
     assert field in err, err
     assert not (tmp_path / "out").exists()
 
@@ -154,10 +194,12 @@ def test_bad_teacher_config_is_one_line_naming_the_field(
 def test_a_config_file_that_is_not_there_or_not_a_mapping(tmp_path, capsys):
     code, err = _cli(["sft", str(tmp_path / "missing.yaml")], capsys)
     assert code == 2 and "config file not found" in err and "Traceback" not in err
+    assert err.startswith("config error: ") and err.count("\n") == 1, err
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
     code, err = _cli(["sft", str(bad)], capsys)
     assert code == 2 and "top level must be a mapping" in err
+    assert err.startswith("config error: ") and err.count("\n") == 1, err
 
 
 # Bad data rows go through a real process (the data is read after the process group is up): each is
@@ -173,23 +215,60 @@ DATA_CASES = [
 ]
 
 
-def test_bad_data_rows_name_file_and_line_and_train_nothing(tmp_path):
+@pytest.mark.parametrize("row,needle", DATA_CASES, ids=[c[1] + str(i) for i, c in enumerate(DATA_CASES)])
+def test_bad_data_row_names_file_and_line_and_trains_nothing(row, needle, tmp_path):
     path = tmp_path / "rows.jsonl"
     good = '{"prompt": "reverse ab=", "domain": "reversal", "reference": "ba"}'
-    for i, (row, needle) in enumerate(DATA_CASES):
-        path.write_text("\n".join([good, good, row]) + "\n")
-        out = tmp_path / f"out{i}"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-        }
-        proc = subprocess.run(
-            [sys.executable, "-m", "opd_megatron.cli", "sft", f"data.train_path={path}", "data.domains=[]",
-             "train.steps=2", f"train.output_dir={out}", "train.progress=false"],
-            capture_output=True, text=True, timeout=240, env=env,
-        )  # fmt: skip
-        assert proc.returncode == 2, (row, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert f"{path}:3" in proc.stderr and needle in proc.stderr, (row, proc.stderr)
-        assert not Path(out, "checkpoints").exists()
+    path.write_text("\n".join([good, good, row]) + "\n")
+    out = tmp_path / "out"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_megatron.cli", "sft", f"data.train_path={path}", "data.domains=[]",
+         "train.steps=2", f"train.output_dir={out}", "train.progress=false"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, (row, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # A data error (DataError), not a configuration error: the CLI's "error:" prefix, on one line.
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    assert line.startswith("error: "), proc.stderr
+    assert f"{path}:3" in line and needle in line, (row, proc.stderr)
+    assert not Path(out, "checkpoints").exists()
+
+
+# A held-out prompt longer than the context leaves for the evaluation's completion: named by file and line
+# at start-up, for SFT and for OPD alike (the OPD run stops before its teacher is even loaded).
+_LONG_EVAL_RUNS = {
+    "sft": ["sft"],
+    "run": ["run", "teachers=[{name: t, checkpoint: /nonexistent/teacher}]", "rollout.max_new_tokens=8"],
+}
+
+
+@pytest.mark.parametrize("command", list(_LONG_EVAL_RUNS))
+def test_an_eval_prompt_longer_than_the_context_is_named_before_training(command, tmp_path):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(f'{{"prompt": "reverse {w}=", "domain": "reversal", "reference": "{w[::-1]}"}}\n'
+                             for w in ("ab", "abc", "bcd")))  # fmt: skip
+    long_prompt = "reverse " + "x" * 60 + "="  # 70 tokens with BOS, in a 32-token context
+    held_out.write_text(
+        '{"prompt": "reverse cd=", "domain": "reversal", "reference": "dc"}\n'
+        f'{{"prompt": "{long_prompt}", "domain": "reversal", "reference": "x"}}\n'
+    )
+    out = tmp_path / "out"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_megatron.cli", *_LONG_EVAL_RUNS[command], f"data.train_path={train}",
+         f"data.eval_path={held_out}", "data.domains=[]", "model.max_sequence_length=32", "train.steps=2",
+         "train.micro_batch_size=2", f"train.output_dir={out}", "train.progress=false"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    assert line.startswith(f"error: {held_out}:2: the prompt is 70 tokens, longer than"), proc.stderr
+    assert "model.max_sequence_length=32" in line
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

@@ -170,6 +170,28 @@ def _newest_intact(root: Path, checksums: bool, report: Callable[[str], None]) -
     return None
 
 
+def _decided_once(decide: Callable[[], Path | None], group: Any, what: str) -> Path | None:
+    """``decide()`` on the group's first rank only (it may read every byte of a checkpoint), its answer
+    (a path, None, or the :class:`CheckpointError` it raised) broadcast to the others: every rank gets
+    the same one."""
+    distributed = dist.is_available() and dist.is_initialized()
+    first = dist.get_global_rank(group, 0) if distributed and group is not None else 0
+    answer: list[Any] = [None]
+    if not distributed or dist.get_rank() == first:
+        try:
+            found = decide()
+            answer[0] = str(found) if found is not None else None
+        except Exception as e:  # every rank must learn of it, or the others wait in the broadcast
+            answer[0] = (
+                e if isinstance(e, CheckpointError) else CheckpointError(f"{what}: {type(e).__name__}: {e}")
+            )
+    if distributed:
+        dist.broadcast_object_list(answer, src=first, group=group)
+    if isinstance(answer[0], CheckpointError):
+        raise answer[0]
+    return Path(answer[0]) if answer[0] is not None else None
+
+
 def find_resume_checkpoint(
     root: str | Path,
     *,
@@ -184,38 +206,24 @@ def find_resume_checkpoint(
     is intact. Collective over ``group`` when torch.distributed is initialised: the group's first rank
     verifies (reading every byte once) and broadcasts its answer, so all ranks resume from the same one."""
     root = Path(root)
-    distributed = dist.is_available() and dist.is_initialized()
-    first = dist.get_global_rank(group, 0) if distributed and group is not None else 0
-    answer: list[Any] = [None]
-    if not distributed or dist.get_rank() == first:
-        try:
-            found = _newest_intact(root, checksums, report)
-            answer[0] = str(found) if found is not None else None
-        except Exception as e:  # every rank must learn of it, or the others wait in the broadcast
-            answer[0] = (
-                e
-                if isinstance(e, CheckpointError)
-                else CheckpointError(f"cannot look for checkpoints in {root}: {type(e).__name__}: {e}")
-            )
-    if distributed:
-        dist.broadcast_object_list(answer, src=first, group=group)
-    if isinstance(answer[0], CheckpointError):
-        raise answer[0]
-    return Path(answer[0]) if answer[0] is not None else None
+    return _decided_once(
+        lambda: _newest_intact(root, checksums, report), group, f"cannot look for checkpoints in {root}"
+    )
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory or a root holding ``step_*`` directories (the newest intact one wins:
-    sizes are checked, not checksums). A damaged checkpoint named directly is a :class:`CheckpointError`."""
+def resolve_checkpoint(path: str | Path, *, checksums: bool = False) -> Path:
+    """Accept a checkpoint directory or a root holding ``step_*`` directories (the newest intact one wins).
+    Sizes are checked; with ``checksums`` also every file's SHA-256 against the manifest (the checkpoint is
+    read once). A damaged checkpoint named directly is a :class:`CheckpointError` naming the files."""
     p = Path(path)
     if (p / "meta.json").is_file() or (p / MANIFEST_NAME).is_file():
-        problems = verify_checkpoint(p, checksums=False)
+        problems = verify_checkpoint(p, checksums=checksums)
         if problems:
             raise CheckpointError(f"checkpoint {p} is damaged: {'; '.join(problems)}")
         return p
-    latest = _newest_intact(p, False, _stderr)
+    latest = _newest_intact(p, checksums, _stderr)
     if latest is None:
-        latest = _newest_intact(p / "checkpoints", False, _stderr)
+        latest = _newest_intact(p / "checkpoints", checksums, _stderr)
     if latest is None:
         if not p.exists():
             raise CheckpointError(f"checkpoint not found: {p} does not exist")
@@ -224,6 +232,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "holding one (a save interrupted before completion leaves none)"
         )
     return latest
+
+
+def verified_checkpoint(path: str | Path, *, checksums: bool = True, group: Any = None) -> Path:
+    """:func:`resolve_checkpoint` of a checkpoint about to be loaded as a teacher or as initial weights,
+    with ``checksums`` (``train.verify_checksums``) read once: collective over ``group`` when
+    torch.distributed is initialised (its first rank verifies and broadcasts the answer)."""
+    found = _decided_once(
+        lambda: resolve_checkpoint(path, checksums=checksums), group, f"cannot verify checkpoint {path}"
+    )
+    assert found is not None  # resolve_checkpoint returns a path or raises
+    return found
 
 
 def read_meta(ckpt: str | Path) -> dict:
@@ -255,7 +274,7 @@ def check_run_identity(
     saved = read_meta(ckpt).get("identity")
     if not isinstance(saved, dict):
         return []
-    changes = identity_changes(saved, run_identity(config, job))
+    changes = identity_changes(saved, run_identity(config, job), _saved_config(ckpt))
     if changes and not force:
         raise CheckpointError(
             f"checkpoint {ckpt} was written by a different run ({'; '.join(changes)}); resume it only on "
@@ -264,6 +283,17 @@ def check_run_identity(
     if changes:
         report(f"resuming {ckpt} although the run changed (forced): {'; '.join(changes)}")
     return changes
+
+
+def _saved_config(ckpt: str | Path) -> dict | None:
+    """The checkpoint's ``config.yaml`` as a plain mapping (None when missing or unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(ckpt) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_config(ckpt: str | Path) -> RunConfig:

@@ -14,7 +14,7 @@ import os
 from opd_megatron.config import ConfigError, RunConfig, TeacherConfig, TokenizerConfig, validate_teachers
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups
-from opd_megatron.models.checkpoint import read_config, read_meta, resolve_checkpoint
+from opd_megatron.models.checkpoint import CheckpointError, read_config, read_meta, verified_checkpoint
 from opd_megatron.teachers.base import Teacher, TeacherError
 from opd_megatron.teachers.colocated import build_colocated_teacher
 from opd_megatron.teachers.cross import CrossTokenizerTeacher
@@ -126,7 +126,10 @@ def build_teacher(
     elif tcfg.placement == "vllm":
         inner = _vllm(where, tcfg, cfg, groups)
     else:
-        ckpt = resolve_checkpoint(tcfg.checkpoint)
+        try:
+            ckpt = verified_checkpoint(tcfg.checkpoint, checksums=cfg.train.verify_checksums)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: teacher {tcfg.name!r}: {e}") from None
         _check_colocated_vocabulary(where, tcfg, ckpt, vocab, teacher_tok, student_tok)
         pad = teacher_tok.pad_id if teacher_tok is not None else student_tok.pad_id
         try:

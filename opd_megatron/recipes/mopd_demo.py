@@ -14,6 +14,9 @@ and schedule:
 - a single generalist teacher instead of the experts;
 - an equal-weight mixture of all experts instead of routing.
 
+Stage-2 runs resume from their checkpoints: a job stopped in the middle of one (Ctrl-C, a preemption)
+continues it where it stopped, and a finished one reports the evaluations it logged.
+
 With ``seeds > 1`` the whole pipeline (stage 1 included) runs once per seed under ``seed<k>/``; the
 table gives mean +- std over seeds. The table goes to the console and, with every cell per seed, to
 ``results.json``; the curves of every run to ``curves.png`` next to it.
@@ -165,34 +168,75 @@ def mopd_config(
             log_every=budget.log_every,
             output_dir=f"{root}/{name}",
             init_checkpoint=student_init,
-            resume=False,
             seed=TrainConfig.seed + seed,
         ),
     )
+
+
+def set_aside_if_changed(cfg: RunConfig) -> Path | None:
+    """A stage-2 run resumes from its checkpoints, unless its directory holds a run of another
+    configuration (another budget or override): that one is moved to ``<dir>.previous<k>`` (said on the
+    console) and the run starts afresh. Returns where it went (None: nothing moved). The global main rank
+    decides; the others learn of it from the resume's collective checkpoint search."""
+    import os
+
+    import yaml
+
+    from opd_megatron.config import to_dict
+
+    out = Path(cfg.train.output_dir)
+    saved = out / "config.yaml"
+    if int(os.environ.get("RANK", "0")) != 0 or not (out / "checkpoints").is_dir() or not saved.is_file():
+        return None
+    try:
+        if yaml.safe_load(saved.read_text()) == to_dict(cfg):
+            return None
+    except yaml.YAMLError:
+        pass  # unreadable: not a run this configuration can vouch for
+    k = 1
+    while out.with_name(f"{out.name}.previous{k}").exists():
+        k += 1
+    aside = out.with_name(f"{out.name}.previous{k}")
+    out.rename(aside)
+    print(
+        f"{cfg.name}: {out} holds a run of another configuration; moved to {aside}, starting afresh",
+        flush=True,
+    )
+    return aside
 
 
 def expert_teachers(experts: dict[str, str]) -> list[TeacherConfig]:
     return [TeacherConfig(name=f"{d}-expert", checkpoint=ckpt, domains=[d]) for d, ckpt in experts.items()]
 
 
+def finished_sft(cfg: RunConfig, quiet: bool = True) -> Path | None:
+    """The newest *intact* checkpoint of ``cfg``'s SFT (every file checked against its manifest) when it
+    reached ``cfg.train.steps``, else None. Damaged ones are passed over (named on stderr unless
+    ``quiet``); with every checkpoint damaged the SFT's resume stops with that error."""
+    from opd_megatron.models.checkpoint import CheckpointError, find_resume_checkpoint, read_meta
+
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    try:
+        found = find_resume_checkpoint(root, **({"report": lambda line: None} if quiet else {}))
+    except CheckpointError:
+        return None
+    return found if found is not None and read_meta(found)["step"] >= cfg.train.steps else None
+
+
 def cached_sft(cfg: RunConfig) -> Path:
-    """The final checkpoint of ``cfg``'s SFT, trained now unless a complete one is already on disk."""
-    from opd_megatron.models.checkpoint import latest_checkpoint, read_meta
+    """The final checkpoint of ``cfg``'s SFT, trained now unless an intact complete one is on disk."""
     from opd_megatron.train.sft import run_sft
 
-    latest = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
-    if latest is not None and read_meta(latest)["step"] >= cfg.train.steps:
-        print(f"{cfg.name}: reusing {latest}", flush=True)
-        return latest
+    done = finished_sft(cfg, quiet=False)
+    if done is not None:
+        print(f"{cfg.name}: reusing {done}", flush=True)
+        return done
     print(f"{cfg.name}: SFT for {cfg.train.steps} steps", flush=True)
     return run_sft(cfg).checkpoint
 
 
 def is_cached(cfg: RunConfig) -> bool:
-    from opd_megatron.models.checkpoint import latest_checkpoint, read_meta
-
-    latest = latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints")
-    return latest is not None and read_meta(latest)["step"] >= cfg.train.steps
+    return finished_sft(cfg) is not None
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -317,6 +361,7 @@ def run_stage2(cfgs: dict[str, RunConfig], seed: int, clock: Clock) -> dict:
     results, trainers = {}, {}
     for label, cfg in cfgs.items():
         clock.start(f"seed {seed}: {label}", f"stage 2, into {cfg.train.output_dir}")
+        set_aside_if_changed(cfg)
         trainer = (SeqKDTrainer if RUN_KIND[label] == "seqkd" else OPDTrainer)(cfg)
         results[label], trainers[label] = trainer.run(), trainer
         clock.finish(False)

@@ -93,6 +93,7 @@ class SeqKDTrainer(OPDTrainer):
         self.student.train()
         loss, _ = forward_backward(self.student, [mb], student_hidden, self.ce_loss, g, batch.tokens)
         gnorm, skipped = self.optimizer.step(loss, self.tc.grad_clip)
+        self.skipped["nonfinite_grad"] += int(skipped)
         return {
             "loss": loss, "grad_norm": gnorm, "lr": lr, "skipped": skipped, "time_teacher_sample": t_sample,
             "time_update": time.monotonic() - t0 - t_sample, "tokens": batch.tokens,

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import torch
 
+from opd_megatron.distributed.pipeline import broadcast_from_last_stage
+from opd_megatron.losses import gather_logprobs
+
 __all__ = ["logprob_mismatch", "truncated_importance_weights", "tis_enabled"]
 
 
@@ -101,3 +104,27 @@ def tis_enabled(mode: str, objective: str) -> bool:
     if mode == "auto":
         return objective != "divergence"
     return mode == "on"
+
+
+MISMATCH_KEYS = ("logprob_diff_mean_abs", "logprob_diff_max_abs", "logprob_diff_mean", "kl_behaviour_trainer")
+
+
+@torch.no_grad()
+def engine_mismatch(scorer, mbs, groups, temperature: float, vocab: int) -> dict[str, float]:
+    """How far the engine's behaviour log-probs are from the trainer's own (``scorer``: the student as a
+    scorer) on a step's sampled tokens (``rollout/logprob_diff_*``, ``rollout/kl_behaviour_trainer``); the
+    same on every rank."""
+    sums, parts = None, []
+    for mb in mbs:
+        s = scorer.score(mb.rows, mb.prompts, mb.comps)
+        if s is None:  # not the last pipeline stage
+            continue
+        labels_N1 = mb.labels[mb.loss_positions].unsqueeze(-1)
+        lp_N = gather_logprobs(s.logits_NV(), labels_N1, groups.tp_group_or_none, temperature, vocab)
+        parts.append((lp_N.squeeze(-1), mb.behaviour[mb.loss_positions]))
+    if parts:
+        trainer_N, behaviour_N = (torch.cat(x) for x in zip(*parts))
+        stats = logprob_mismatch(trainer_N.double(), behaviour_N.double())
+        sums = torch.tensor([stats[k] for k in MISMATCH_KEYS], dtype=torch.float64, device=groups.device)
+    values = broadcast_from_last_stage(sums, (len(MISMATCH_KEYS),), torch.float64, groups).tolist()
+    return {f"rollout/{k}": v for k, v in zip(MISMATCH_KEYS, values)}

@@ -57,6 +57,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-per-request", type=int, default=d.max_tokens_per_request)
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_s * 1000, help="batching window")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help="check the checkpoint's file sizes only, not their SHA-256 (which reads the checkpoint once more)",
+    )
     p.add_argument("--log-requests", action="store_true", help="one access-log line per request on stderr")
     p.set_defaults(func=run_serve)
     return p
@@ -102,6 +107,7 @@ def run_serve(args) -> int:
             dtype=args.dtype,
             log_requests=args.log_requests,
             convert_cache=args.convert_cache,
+            verify_checksums=not args.sizes_only,
         )
     except OSError as e:
         if e.errno == errno.EADDRINUSE:

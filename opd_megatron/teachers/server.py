@@ -615,12 +615,14 @@ def build_teacher_server(
     dtype: str = "fp32",
     log_requests: bool = False,
     convert_cache: str = "runs/hf_cache",
+    verify_checksums: bool = True,
 ) -> TeacherHTTPServer:
     """Load a checkpoint of this project, or a Hugging Face model directory (converted once into
     ``convert_cache``, reused after), into a one-process (TP=1) model and bind the HTTP server to it
     (``port=0``: a free port; read it from ``server.url``). Call ``serve_forever`` or ``start_in_thread``;
     the worker thread is already running. A port that cannot be bound raises ``OSError`` before the
-    model loads."""
+    model loads. The checkpoint's files are checked against its manifest first: sizes, and with
+    ``verify_checksums`` their SHA-256 too."""
     from pathlib import Path
 
     from opd_megatron.config import ParallelConfig
@@ -639,7 +641,7 @@ def build_teacher_server(
     if is_hf_dir(checkpoint):
         hf = materialise(checkpoint, groups, convert_cache, where="checkpoint")
         checkpoint, tokenizer = str(hf.checkpoint), load_tokenizer(hf.tokenizer)
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint, checksums=verify_checksums)
     cfg = read_config(ckpt)
     if (Path(ckpt) / "tokenizer").is_dir():
         tokenizer = load_tokenizer(ckpt / "tokenizer")

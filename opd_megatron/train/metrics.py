@@ -136,6 +136,27 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
     return rows
 
 
+_NON_FINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def logged_record(path: str | Path, kind: str, step: int) -> dict:
+    """The values of the last ``kind`` record at ``step`` in the log ``path`` (non-finite numbers, which
+    the log holds as strings, back as floats); ``{}`` when there is none. Lines that do not parse (one
+    torn by a kill) are passed over."""
+    path, found = Path(path), {}
+    if not path.is_file():
+        return {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("kind") == kind and row.get("step") == step:
+            found = row
+    values = {k: v for k, v in found.items() if k not in ("kind", "step", "time")}
+    return {k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 class Progress:
     """A live bar with ETA on a terminal; plain periodic lines otherwise (CI logs, files)."""
 

@@ -8,9 +8,11 @@ under GKD's lambda). The orchestrator groups the rollouts by supervising teacher
 (:mod:`~opd_megatron.train.step`). Resume, metrics, evaluation and save cadence are the run skeleton's
 (:mod:`~opd_megatron.train.runner`). The parallel details live behind those modules.
 
-Non-finite teacher scores skip the step on every rank (counted, no parameter change); rows whose
-completion is empty are dropped and counted; a failing teacher aborts the step (counted), and
-``mopd.max_teacher_failures`` consecutive aborts stop the run.
+Non-finite teacher scores skip the step on every rank (counted, no parameter change), as does a
+non-finite loss or gradient norm (counted apart); rows whose completion is empty are dropped and counted;
+a failing teacher aborts the step (counted). A teacher that fails (non-finite scores or an abort) in
+``mopd.max_teacher_failures`` consecutive steps it was asked for stops the run, named, however the
+routing interleaves it with other teachers (:mod:`~opd_megatron.mopd.failures`).
 """
 
 from __future__ import annotations
@@ -19,22 +21,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from opd_megatron.config import RunConfig, validate_opd
 from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.distributed import ParallelGroups, init_distributed
 from opd_megatron.distributed.grads import all_finite, dp_ratio, dp_sum
-from opd_megatron.distributed.pipeline import broadcast_from_last_stage
-from opd_megatron.losses import gather_logprobs
-from opd_megatron.models.checkpoint import load_model_weights
+from opd_megatron.models.checkpoint import load_model_weights, verified_checkpoint
 from opd_megatron.models.gpt import build_gpt_model, num_parameters, output_weight
 from opd_megatron.mopd import MOPDOrchestrator, StepAborted
+from opd_megatron.mopd.failures import FAILED, TeacherStreaks
 from opd_megatron.mopd.orchestrator import Group
 from opd_megatron.mopd.registry import default_teacher
 from opd_megatron.rollout.engines import after_optimizer_step, build_sampler
-from opd_megatron.rollout.mismatch import logprob_mismatch, tis_enabled
+from opd_megatron.rollout.mismatch import engine_mismatch, tis_enabled
 from opd_megatron.rollout.types import SamplingParams
 from opd_megatron.targets import CrossTokenizerTargets
 from opd_megatron.teachers import MegatronTeacher, SelfTeacher
@@ -74,7 +73,10 @@ class OPDResult:
     """The counts by reason (``empty_rollouts``: rollouts dropped)."""
 
 
-MISMATCH_KEYS = ("logprob_diff_mean_abs", "logprob_diff_max_abs", "logprob_diff_mean", "kl_behaviour_trainer")
+SKIP_REASONS = ("nonfinite_teacher", "nonfinite_grad", "all_empty", "teacher_failures", "empty_rollouts")
+"""Counters logged as ``skipped_<reason>`` with every train record: steps skipped for non-finite teacher
+scores, for a non-finite loss or gradient norm (the optimizer step is skipped), because no rank had a
+rollout left, or because a teacher failed (the step aborted); and rollouts dropped as empty."""
 
 
 class OPDTrainer(TrainingRun):
@@ -96,7 +98,8 @@ class OPDTrainer(TrainingRun):
             cfg.model, g, self.tokenizer.vocab_size, seed=cfg.train.seed, recompute=self.tc.recompute
         )
         if self.tc.init_checkpoint:
-            load_model_weights(self.tc.init_checkpoint, self.student)
+            init = verified_checkpoint(self.tc.init_checkpoint, checksums=self.tc.verify_checksums)
+            load_model_weights(init, self.student)
         # Before anything else holds the student: the distributed optimizer moves its parameters into
         # one contiguous buffer.
         self.optimizer = make_optimizer(self.student, self.tc, g)
@@ -104,9 +107,10 @@ class OPDTrainer(TrainingRun):
         self.setup_rollouts()
         self.evaluator = OPDEvaluator(self, self.lc, self.tc.eval_samples, self.tc.eval_pass_k, self.tc.seed)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
-        self.skipped = {"nonfinite": 0, "empty_rollouts": 0, "all_empty": 0, "teacher_failures": 0}
-        """Skipped steps by reason (``empty_rollouts`` counts rollouts, the others steps)."""
-        self.consecutive_failures = 0
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        """Skipped steps by reason (:data:`SKIP_REASONS`; ``empty_rollouts`` counts rollouts)."""
+        self.failures = TeacherStreaks(self.orch.names, cfg.mopd.max_teacher_failures, g)
+        """Consecutive failures per teacher (non-finite scores or an aborted step)."""
 
     def setup_teachers(self) -> None:
         """The teachers, the orchestrator that routes to them, and G-OPD's reference model."""
@@ -167,6 +171,19 @@ class OPDTrainer(TrainingRun):
 
     def extra_models(self) -> dict | None:
         return {"teacher": self.teacher.model} if isinstance(self.teacher, SelfTeacher) else None
+
+    def rank_state(self) -> dict:
+        counts = {"rollouts": dict(self.orch.rollouts), "tokens": dict(self.orch.tokens)}
+        return {**super().rank_state(), "teacher_counts": {**counts, "failure_streaks": self.failures.streak}}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Besides the skeleton's state, the teachers' rollout and token counts (they run over all steps,
+        so a resumed run's counters continue where the interrupted one's stopped)."""
+        super().load_rank_state(state)
+        counts = state.get("teacher_counts", {})
+        self.orch.rollouts.update(counts.get("rollouts", {}))
+        self.orch.tokens.update(counts.get("tokens", {}))
+        self.failures.streak.update(counts.get("failure_streaks", {}))
 
     def on_resume(self, ckpt: Path) -> None:
         if isinstance(self.teacher, SelfTeacher):
@@ -244,14 +261,19 @@ class OPDTrainer(TrainingRun):
             mbs = self.score(batch)
         except StepAborted as e:
             return self.abort(step, e, batch.lam)
-        bad = [mb.teacher_name for mb in mbs if mb.target is not None and not mb.target.finite()]
+        outcome = self.failures.of_microbatches(mbs)
         every = self.cfg.mopd.disagreement_every
         js = self.orch.disagreement(mbs) if every and step % every == 0 else None
         t_score = time.monotonic() - t1
         global_tokens = int(dp_sum(float(batch.tokens), g))
-        if not all_finite(0.0 if not bad else float("nan"), g):
-            return self.nonfinite_teacher(step, sorted(set(bad)), batch.lam)
-        mismatch = self.engine_mismatch(mbs) if self.cfg.rollout.engine != "megatron" else {}
+        outcome = self.failures.agree(outcome)  # every rank learns of a non-finite teacher on any
+        if self.failures.failed(outcome):
+            return self.nonfinite_teacher(step, outcome, batch.lam)
+        mismatch = (
+            engine_mismatch(self.scorer, mbs, g, self.lc.temperature, self.student.real_vocab_size)
+            if self.cfg.rollout.engine != "megatron"
+            else {}
+        )
         lr = lr_at(step, self.tc)
         self.optimizer.set_lr(lr)
         t2 = time.monotonic()
@@ -261,37 +283,15 @@ class OPDTrainer(TrainingRun):
         gnorm, skipped = self.optimizer.step(loss, self.tc.grad_clip)
         engine = {}
         if skipped:
-            self.skipped["nonfinite"] += 1
+            self.skipped["nonfinite_grad"] += 1
         else:
             for t in self.teachers.values():
                 t.after_step(self.student, step + 1)
             engine = after_optimizer_step(self.sampler, self.student)  # a vLLM engine takes the new weights
-        self.consecutive_failures = 0
+        self.failures.record(outcome)  # the teachers of this step scored fine: their streaks end
         times = {"time_rollout": t_rollout, "time_score": t_score, "time_update": time.monotonic() - t2}
         rec = {"loss": loss, "grad_norm": gnorm, "lr": lr, "skipped": skipped, **times, **engine, **mismatch}
         return self.step_record(rec, m, batch, mbs, js, global_tokens)
-
-    @torch.no_grad()
-    def engine_mismatch(self, mbs: list[MicroBatch]) -> dict[str, float]:
-        """How far the engine's behaviour log-probs are from the trainer's own on this step's sampled
-        tokens (``rollout/logprob_diff_*``, ``rollout/kl_behaviour_trainer``); the same on every rank."""
-        g, lc, sums = self.groups, self.lc, None
-        parts = []
-        for mb in mbs:
-            s = self.scorer.score(mb.rows, mb.prompts, mb.comps)
-            if s is None:  # not the last pipeline stage
-                continue
-            labels_N1 = mb.labels[mb.loss_positions].unsqueeze(-1)
-            lp_N = gather_logprobs(
-                s.logits_NV(), labels_N1, g.tp_group_or_none, lc.temperature, self.student.real_vocab_size
-            )
-            parts.append((lp_N.squeeze(-1), mb.behaviour[mb.loss_positions]))
-        if parts:
-            trainer_N, behaviour_N = (torch.cat(x) for x in zip(*parts))
-            stats = logprob_mismatch(trainer_N.double(), behaviour_N.double())
-            sums = torch.tensor([stats[k] for k in MISMATCH_KEYS], dtype=torch.float64, device=g.device)
-        values = broadcast_from_last_stage(sums, (len(MISMATCH_KEYS),), torch.float64, g).tolist()
-        return {f"rollout/{k}": v for k, v in zip(MISMATCH_KEYS, values)}
 
     def step_record(self, rec: dict, m: dict, batch: OPDBatch, mbs, js, global_tokens: int) -> dict:
         """The train record of a completed step: loss metrics, time shares, teacher counters, alignment."""
@@ -333,38 +333,44 @@ class OPDTrainer(TrainingRun):
     def skip_record(self, reason: str, lam: float, **extra) -> dict:
         return {"skipped": True, "reason": reason, "lambda": lam, **extra, **self.skip_counters()}
 
-    def nonfinite_teacher(self, step: int, names: list[str], lam: float) -> dict:
-        """Non-finite teacher scores (on some rank): no update; a teacher that stays non-finite for
-        ``mopd.max_teacher_failures`` consecutive steps stops the run, named."""
-        self.skipped["nonfinite"] += 1
-        self.consecutive_failures += 1
-        who = ", ".join(repr(n) for n in names) or "a teacher on another rank"
+    def nonfinite_teacher(self, step: int, outcome: dict[str, float], lam: float) -> dict:
+        """Non-finite teacher scores (on some rank): no update; a teacher non-finite in
+        ``mopd.max_teacher_failures`` consecutive steps it supervised stops the run, named."""
+        self.skipped["nonfinite_teacher"] += 1
+        names, stop = self.failures.failed(outcome), self.failures.record(outcome)
         if self.groups.is_main:
+            who = ", ".join(repr(n) for n in names)
             print(
                 f"step {step + 1}: non-finite scores from {who}; step skipped (no parameter change)",
                 flush=True,
             )
-        if self.consecutive_failures >= self.cfg.mopd.max_teacher_failures:
+        if stop:
             raise TeacherError(
-                f"teacher {who}: non-finite scores for {self.consecutive_failures} consecutive steps "
-                "(mopd.max_teacher_failures); the checkpoints on disk are the last good ones"
+                f"teacher {stop[0]!r}: non-finite scores in {self.failures.streak[stop[0]]} consecutive steps "
+                "it supervised (mopd.max_teacher_failures); the checkpoints on disk are the last good ones"
             )
         return self.skip_record("non-finite teacher scores", lam, teacher=", ".join(names))
 
     def skipped_steps(self) -> int:
-        return self.skipped["nonfinite"] + self.skipped["all_empty"] + self.skipped["teacher_failures"]
+        return sum(v for k, v in self.skipped.items() if k != "empty_rollouts")
 
     def abort(self, step: int, err: StepAborted, lam: float) -> dict:
-        """A teacher failed: no update this step (on any rank); too many in a row end the run with the
-        teacher's error (the checkpoints on disk are the last good ones)."""
+        """A teacher failed: no update this step (on any rank); a teacher failing in
+        ``mopd.max_teacher_failures`` consecutive steps it was asked for ends the run with its error (the
+        checkpoints on disk are the last good ones)."""
         self.skipped["teacher_failures"] += 1
-        self.consecutive_failures += 1
-        who = f"teacher {err.teacher!r}" if err.teacher else "a teacher on another rank"
+        mine = dict.fromkeys(self.failures.members(err.teacher), FAILED) if err.teacher else {}
+        outcome = self.failures.agree(mine) or dict.fromkeys(self.failures.names, FAILED)
+        names, stop = self.failures.failed(outcome), self.failures.record(outcome)
+        who = ", ".join(f"teacher {n!r}" for n in names)
         if self.groups.is_main:
             print(f"step {step + 1}: {who} failed, step aborted (no parameter change): {err}", flush=True)
-        if self.consecutive_failures >= self.cfg.mopd.max_teacher_failures:
-            raise TeacherError(f"{self.consecutive_failures} consecutive steps aborted; last: {err}") from err
-        return self.skip_record(f"{who} failed", lam, teacher=err.teacher or "")
+        if stop:
+            streak = self.failures.streak[stop[0]]
+            raise TeacherError(
+                f"teacher {stop[0]!r}: {streak} consecutive steps aborted; last: {err}"
+            ) from err
+        return self.skip_record(f"{who} failed", lam, teacher=", ".join(names))
 
     # ------------------------------------------------------------------ the run
     def run(self) -> OPDResult:

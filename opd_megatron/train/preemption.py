@@ -27,6 +27,14 @@ Contract with the trainer::
   is already CANCELLED, so its requeue is refused and it stays cancelled, as the user asked.
 * otherwise: nothing; the caller (a person, a wrapper script) sees the exit code and reruns.
 
+Several runs in one process (a pipeline of stages): each run installs a handler for its training loop and
+uninstalls it when the run ends (handlers, signal mask and fork hook back as they were, so nothing of one
+run's shield stays with the processes started between or after runs). A request that arrived too late
+for its run to act on (during the last step, the final evaluation or save) is not dropped: ``uninstall(
+keep_request=True)`` hands it to the next handler installed in this process, whose run then stops before
+its first step. Between runs the previous handlers are in force (Python's: Ctrl-C raises
+``KeyboardInterrupt``, SIGTERM ends the process), so a stop request then stops the process at once.
+
 Every rank then exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` of sysexits.h: "temporary
 failure, retry"), so a stop after a signal is never mistaken for a finished run (0) or a crash (1).
 Under torchrun, torchrun itself reports the workers' exit as a failure and exits non-zero.
@@ -193,6 +201,10 @@ class PreemptionHandler:
     Use :meth:`install` (not the constructor) so the previous handlers are kept for :meth:`uninstall`.
     """
 
+    _kept: tuple[signal.Signals | None] | None = None
+    """A request an uninstalled handler passed on (its signal, None for :meth:`request`), for the next
+    handler this process installs."""
+
     def __init__(self, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS):
         self.signals: tuple[signal.Signals, ...] = tuple(signal.Signals(s) for s in signals)
         self._event = threading.Event()
@@ -213,6 +225,10 @@ class PreemptionHandler:
         signals blocked, so a job-wide SIGTERM reaches this process but not its helpers (module doc).
         """
         handler = cls(signals)
+        if PreemptionHandler._kept is not None:  # a request the previous run could not act on
+            (handler._received,) = PreemptionHandler._kept
+            PreemptionHandler._kept = None
+            handler._event.set()
         for sig in handler.signals:
             handler._previous[sig] = signal.signal(sig, handler._on_signal)
         if shield_children:
@@ -240,11 +256,17 @@ class PreemptionHandler:
         self._receiver = threading.Thread(target=receive, name="preemption-signal-receiver", daemon=True)
         self._receiver.start()
 
-    def uninstall(self) -> None:
-        """Restore the handlers and the signal mask that were active before :meth:`install`."""
+    def uninstall(self, *, keep_request: bool = False) -> None:
+        """Restore the handlers and the signal mask that were active before :meth:`install`.
+
+        With ``keep_request``, a stop request this handler received is handed to the next handler
+        installed in this process (the caller did not act on it: its run had already finished)."""
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)  # type: ignore[arg-type]
         self._previous.clear()
+        # After the handlers are back: a signal from now on meets them, one before is in the flag.
+        if keep_request and self.requested:
+            PreemptionHandler._kept = (self._received,)
         if self._previous_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
             self._previous_mask = None

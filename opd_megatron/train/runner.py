@@ -35,7 +35,7 @@ from opd_megatron.models.checkpoint import (
 from opd_megatron.models.hf_export import check_export_target, export_hf, export_step
 from opd_megatron.train.batch import DataCursor
 from opd_megatron.train.hf_sources import materialise_sources
-from opd_megatron.train.metrics import MetricsLogger, Progress
+from opd_megatron.train.metrics import MetricsLogger, Progress, logged_record
 from opd_megatron.train.preemption import PreemptionHandler
 
 
@@ -153,6 +153,10 @@ class TrainingRun:
         self.resumed_from = ckpt
         return read_meta(ckpt)["step"]
 
+    def logged_eval(self, step: int) -> dict:
+        """The evaluation record this run's ``metrics.jsonl`` holds for ``step`` (``{}`` if none)."""
+        return logged_record(self.out_dir / "metrics.jsonl", "eval", step)
+
     def export(self, out: Path, step: int) -> Path:
         """Write the model of ``step`` as a Hugging Face directory (collective), marked as this run's
         export: the tokenizer files come from the Hugging Face directory the run started from, else from
@@ -186,15 +190,40 @@ class TrainingRun:
             # final checkpoint) is written from the final checkpoint's weights.
             if tc.export_hf and export_step(tc.export_hf, self.out_dir) != start:
                 self.export(Path(tc.export_hf), start)
-            return RunSummary(start, {}, self.evaluate(), self.resumed_from, time.monotonic() - t_start)
-        # On resume the log keeps the records up to the checkpoint (later ones move to a side file).
-        metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume_step=start if start else None)
+            # Its results are the evaluations it logged (evaluated again only when its log lacks them).
+            last = self.logged_eval(start) or self.evaluate()
+            return RunSummary(start, self.logged_eval(0), last, self.resumed_from, time.monotonic() - t_start)
+        # One handler per run, uninstalled when it ends: a request it could not act on (it came during
+        # the last step, the final evaluation or save) stops the next run of this process at once.
         preempt = PreemptionHandler.install()
-        first = self.evaluate() if start == 0 else {}
-        if first:
+        try:
+            if preempt.sync(None):
+                preempt.finish(None)
+            # On resume the log keeps the records up to the checkpoint (later ones move to a side file).
+            metrics = MetricsLogger(self.out_dir, enabled=g.is_main, resume_step=start if start else None)
+            first, history = self.train_loop(start, metrics, preempt)
+            last = self.evaluate()
+            metrics.log("eval", tc.steps, last)
+            ckpt = self.save(tc.steps)
+            if tc.export_hf:
+                self.export(Path(tc.export_hf), tc.steps)
+            metrics.close()
+        finally:
+            preempt.uninstall(keep_request=True)
+        return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
+
+    def train_loop(self, start: int, metrics: MetricsLogger, preempt: PreemptionHandler) -> tuple[dict, list]:
+        """Steps ``start + 1 .. train.steps`` with their evaluations and saves (a stop request saves and
+        exits); returns the evaluation before training (on resume: the one this run logged at its fresh
+        start, ``{}`` when the log lacks it) and the steps' records."""
+        tc = self.tc
+        if start == 0:
+            first = self.evaluate()
             metrics.log("eval", 0, first)
+        else:
+            first = self.logged_eval(0)
         progress = Progress(
-            tc.steps, f"{self.kind} {self.cfg.name}", enabled=g.is_main and tc.progress, start=start,
+            tc.steps, f"{self.kind} {self.cfg.name}", enabled=self.groups.is_main and tc.progress, start=start,
             log_every=tc.log_every,
         )  # fmt: skip
         history = []
@@ -215,13 +244,7 @@ class TrainingRun:
                 metrics.close()
                 preempt.finish(ckpt)
         progress.close()
-        last = self.evaluate()
-        metrics.log("eval", tc.steps, last)
-        ckpt = self.save(tc.steps)
-        if tc.export_hf:
-            self.export(Path(tc.export_hf), tc.steps)
-        metrics.close()
-        return RunSummary(tc.steps, first, last, ckpt, time.monotonic() - t_start, history)
+        return first, history
 
 
 def domain_values(record: dict, prefix: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ exact-match evaluation per domain, atomic checkpoints and exact resume (the cade
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from opd_megatron.data.domains import build_datasets
 from opd_megatron.data.render import PromptRenderer
 from opd_megatron.data.rows import DataError, RowErrors
 from opd_megatron.distributed import ParallelGroups, init_distributed
-from opd_megatron.models.checkpoint import load_model_weights
+from opd_megatron.models.checkpoint import load_model_weights, verified_checkpoint
 from opd_megatron.models.gpt import build_gpt_model, num_parameters
 from opd_megatron.tokenization import load_tokenizer
 from opd_megatron.train.batch import DataCursor, MicroBatch, sft_microbatches
@@ -38,6 +38,12 @@ class SFTResult:
     eval_after: dict[str, float]
     checkpoint: Path
     wall_s: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Steps without an update, by reason (``nonfinite_grad``: a non-finite loss or gradient norm)."""
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(self.skipped.values())
 
 
 def sft_loss(output, mb: MicroBatch):
@@ -62,6 +68,9 @@ class SFTRun(TrainingRun):
         self.render = PromptRenderer.from_config(self.tokenizer, cfg.tokenizer)
         """Row -> prompt ids under the model's chat template; completions end at its end-of-turn token."""
         self.examples = self.encode_all()
+        self.max_new = max(len(self.tokenizer.encode(r.reference or "")) for r in self.train_rows[:512]) + 2
+        """Tokens the evaluation generates at most: the longest training reference, its end, one spare."""
+        self.check_eval_prompts()
         self.model = build_gpt_model(
             cfg.model,
             self.groups,
@@ -71,13 +80,15 @@ class SFTRun(TrainingRun):
         )
         self.optimizer = make_optimizer(self.model, cfg.train, self.groups)
         self.cursor = DataCursor(len(self.train_rows), cfg.data.seed)
-        self.max_new = max(len(self.tokenizer.encode(r.reference or "")) for r in self.train_rows[:512]) + 2
         self.last_loss = float("nan")
+        self.skipped = {"nonfinite_grad": 0}
+        """Steps whose loss or gradient norm was not finite (no optimizer step)."""
 
     def resume(self) -> int:
         start = super().resume()
         if start == 0 and self.tc.init_checkpoint:
-            load_model_weights(self.tc.init_checkpoint, self.model)
+            init = verified_checkpoint(self.tc.init_checkpoint, checksums=self.tc.verify_checksums)
+            load_model_weights(init, self.model)
         return start
 
     def describe(self, start: int) -> str:
@@ -112,6 +123,17 @@ class SFTRun(TrainingRun):
         errors.raise_if_any()
         return out
 
+    def check_eval_prompts(self) -> None:
+        """Every held-out prompt renders and leaves room in the context for the ``max_new`` tokens the
+        evaluation generates: checked before training, every bad row named (file and line)."""
+        max_len = self.cfg.model.max_sequence_length
+        rows = [r for rs in self.eval_rows.values() for r in rs]
+        limit = (
+            f"model.max_sequence_length={max_len} - {self.max_new}, the evaluation's completion length: the "
+            "longest training reference + 2"
+        )
+        self.render.check(rows, max_prompt_tokens=max_len - self.max_new, limit=limit)
+
     def microbatches(self, step_rows: list[int]) -> tuple[list[MicroBatch], int]:
         """This DP rank's micro-batches of the step's rows, and the step's global completion tokens."""
         tc, g, tok = self.tc, self.groups, self.tokenizer
@@ -132,7 +154,7 @@ class SFTRun(TrainingRun):
         loss, _ = forward_backward(self.model, mbs, sft_forward, sft_loss, g, global_tokens, ("tokens",))
         gnorm, skipped = self.optimizer.step(loss, tc.grad_clip)
         if skipped:
-            self.skipped["nonfinite"] = self.skipped.get("nonfinite", 0) + 1
+            self.skipped["nonfinite_grad"] += 1
             if g.is_main:
                 print(
                     f"step {step + 1}: non-finite loss/grad norm ({loss}, {gnorm}); optimizer step skipped",
@@ -154,4 +176,6 @@ def run_sft(cfg: RunConfig, groups: ParallelGroups | None = None) -> SFTResult:
     job = SFTRun(cfg, groups)
     s = job.run()
     em = lambda rec: domain_values(rec, "exact_match")  # noqa: E731
-    return SFTResult(s.steps, job.last_loss, em(s.first_eval), em(s.last_eval), s.checkpoint, s.wall_s)
+    return SFTResult(
+        s.steps, job.last_loss, em(s.first_eval), em(s.last_eval), s.checkpoint, s.wall_s, dict(job.skipped)
+    )

@@ -9,8 +9,9 @@ import struct
 from pathlib import Path
 
 import pytest
+import yaml
 
-from opd_megatron.config import ModelConfig, RunConfig
+from opd_megatron.config import ModelConfig, RunConfig, TokenizerConfig
 from opd_megatron.models.checkpoint import (
     CheckpointError,
     check_run_identity,
@@ -18,6 +19,7 @@ from opd_megatron.models.checkpoint import (
     list_checkpoints,
     prune_checkpoints,
     resolve_checkpoint,
+    verified_checkpoint,
     verify_checkpoint,
 )
 from opd_megatron.models.manifest import MANIFEST_NAME
@@ -225,6 +227,59 @@ def test_run_identity_names_the_changed_fields(root):
     assert "model.hidden_size: 32 -> 64" in forced and "forced" in reports[0]
 
 
+# Fields that change the model, each with a value other than its default.
+MODEL_CHANGES = [
+    ("head_dim", 8), ("qk_layernorm", True), ("rope_scaling", "linear"), ("rope_scaling_factor", 2.0),
+    ("rope_low_freq_factor", 2.0), ("rope_high_freq_factor", 8.0), ("rope_original_max_position", 64),
+    ("num_experts", 4), ("moe_router_topk", 1), ("moe_norm_topk_prob", False), ("moe_ffn_hidden_size", 16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field,value", MODEL_CHANGES, ids=[c[0] for c in MODEL_CHANGES])
+def test_run_identity_covers_every_field_that_changes_the_model(root, field, value):
+    import dataclasses
+
+    ckpt = root / "step_0000003"
+    changed = _config()
+    # A factor applies only with its scaling on, the expert fields only to a mixture of experts.
+    extra = {"rope_scaling": "llama3"} if field.startswith(("rope_low", "rope_high", "rope_orig")) else {}
+    extra.update({"num_experts": 4} if field.startswith("moe_") else {})
+    changed.model = dataclasses.replace(changed.model, **extra, **{field: value})
+    with pytest.raises(CheckpointError, match=rf"model\.{field}: .* -> {value!r}"):
+        check_run_identity(ckpt, changed, "sft")
+
+
+def test_run_identity_covers_the_template_variables(root):
+    ckpt = root / "step_0000003"
+    changed = _config()
+    changed.tokenizer = TokenizerConfig(kind="hf", path="tok", chat_template="model",
+                                        template_kwargs={"enable_thinking": False})  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.template_kwargs: \{\} -> \{'enable_thinking': False\}"
+    ):
+        check_run_identity(ckpt, changed, "sft")
+
+
+def test_an_identity_without_the_newer_fields_compares_them_as_saved_or_default(root):
+    ckpt = root / "step_0000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    newer = ("model.head_dim", "model.qk_layernorm", "model.num_experts", "tokenizer.template_kwargs")
+    for path in newer:  # as a checkpoint written before these fields were part of the identity
+        del meta["identity"]["fields"][path]
+    meta["identity"]["hash"] = "older"
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert check_run_identity(ckpt, _config(), "sft") == []  # the defaults: still the same run
+    with pytest.raises(CheckpointError, match=r"model\.qk_layernorm: False -> True"):
+        check_run_identity(ckpt, _config(qk_layernorm=True), "sft")
+    # The checkpoint's config.yaml says what the run had: that is what a missing field compares as.
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    saved["model"]["qk_layernorm"] = True
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert check_run_identity(ckpt, _config(qk_layernorm=True), "sft") == []
+    with pytest.raises(CheckpointError, match=r"model\.qk_layernorm: True -> False"):
+        check_run_identity(ckpt, _config(), "sft")
+
+
 def test_a_checkpoint_without_identity_has_nothing_to_compare(root):
     ckpt = root / "step_0000003"
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -296,3 +351,78 @@ def test_every_rank_resumes_from_the_same_checkpoint_or_gets_the_same_error(root
         _delete("model/.metadata")(root / f"step_000000{step}")
     first, second = run_ranks(_resume_lookup, 2, timeout=120, args=(str(root),))
     assert first == second and first.startswith(f"CheckpointError: no intact checkpoint in {root}")
+
+
+def test_a_checkpoint_to_load_is_verified_by_checksum_unless_told_sizes_only(root):
+    ckpt = root / "step_0000003"
+    _overwrite("model/__0_0.distcp", FINITE_4K)(ckpt)  # bytes changed in place: the sizes still agree
+    assert verified_checkpoint(ckpt, checksums=False) == ckpt
+    with pytest.raises(CheckpointError) as err:
+        verified_checkpoint(ckpt)
+    assert str(err.value).startswith(f"checkpoint {ckpt} is damaged: model/__0_0.distcp: checksum mismatch")
+
+
+def _verified_on_ranks(rank, ckpt):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        return str(verified_checkpoint(ckpt))
+    except CheckpointError as e:
+        return f"CheckpointError: {e}"
+
+
+def test_every_rank_gets_the_same_verification_answer(root):
+    ckpt = root / "step_0000003"
+    assert run_ranks(_verified_on_ranks, 2, timeout=120, args=(str(ckpt),)) == [str(ckpt)] * 2
+    _overwrite("model/__0_0.distcp", NAN_4K)(ckpt)
+    first, second = run_ranks(_verified_on_ranks, 2, timeout=120, args=(str(ckpt),))
+    assert first == second and "model/__0_0.distcp: checksum mismatch" in first
+
+
+# A teacher, or the initial weights, whose bytes were overwritten in place (same size): refused before
+# it is loaded, in one line naming the file, exit 2.
+_LOAD_AS = {
+    "teacher": lambda ckpt: ["run", f"teachers=[{{name: t, checkpoint: {ckpt}}}]"],
+    "init_checkpoint": lambda ckpt: ["sft", f"train.init_checkpoint={ckpt}"],
+}
+
+
+@pytest.mark.parametrize("role", list(_LOAD_AS))
+def test_a_checkpoint_changed_in_place_is_refused_when_loaded(root, tmp_path, role):
+    import os
+    import subprocess
+    import sys
+
+    ckpt = root / "step_0000003"
+    _overwrite("model/__0_0.distcp", FINITE_4K)(ckpt)
+    out = tmp_path / "out"
+    model = [f"model.{k}={v}" for k, v in SMALL.__dict__.items() if k in ("num_layers", "hidden_size",
+             "num_attention_heads", "max_sequence_length")]  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_megatron.cli", *_LOAD_AS[role](ckpt), *model, "rollout.max_new_tokens=8",
+         "data.domains=[reversal]", "data.train_size=64", "data.eval_size=8", "train.steps=2",
+         f"train.output_dir={out}", "train.progress=false"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    assert line.startswith("error: "), line
+    assert f"checkpoint {ckpt} is damaged: model/__0_0.distcp: checksum mismatch (sha256 " in line
+    assert ("teachers[0]: teacher 't'" in line) == (role == "teacher")
+    assert not (out / "checkpoints").exists()
+
+
+def test_the_demo_reuses_an_sft_only_when_its_final_checkpoint_is_intact(root, tmp_path):
+    from opd_megatron.recipes.mopd_demo import Budget, expert_config, finished_sft, is_cached
+
+    cfg = expert_config(str(tmp_path / "demo"), "reversal", Budget(expert_steps=3))
+    shutil.copytree(root, Path(cfg.train.output_dir) / "checkpoints")
+    final = Path(cfg.train.output_dir) / "checkpoints" / "step_0000003"
+    assert finished_sft(cfg) == final and is_cached(cfg)
+    _overwrite("model/__0_0.distcp", FINITE_4K)(final)  # the sizes still agree
+    assert finished_sft(cfg) is None and not is_cached(cfg)  # step 2, the newest intact, is not the end

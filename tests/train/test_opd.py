@@ -173,7 +173,7 @@ def test_nan_teacher_skips_step_and_empty_rollouts_are_counted(tmp_path, teacher
     )[0]
     assert rec_nan["skipped"] and "non-finite" in rec_nan["reason"]
     assert unchanged, "a step with NaN teacher scores changed the parameters"
-    assert skipped["nonfinite"] == 1
+    assert skipped["nonfinite_teacher"] == 1 and skipped["nonfinite_grad"] == 0
     assert skipped["empty_rollouts"] == 8  # half of the 16 rows came back empty and were dropped
     assert not rec_empty["skipped"] and changed  # the other half trained
 
@@ -301,7 +301,7 @@ def test_a_teacher_that_stays_non_finite_stops_the_run_naming_it(tmp_path, teach
     assert err is not None, "three non-finite steps in a row did not stop the run"
     assert "'expert'" in err and "3 consecutive steps" in err
     assert len(recs) == 2 and all(r["skipped"] and r["teacher"] == "expert" for r in recs)
-    assert unchanged and skipped["nonfinite"] == 3
+    assert unchanged and skipped["nonfinite_teacher"] == 3 and skipped["nonfinite_grad"] == 0
 
 
 def _packed_vs_padded(rank, root, ckpts):
@@ -328,3 +328,109 @@ def test_packed_sequences_give_the_padded_step(tmp_path, teacher_ckpt):
     )
     for key in ("loss", "grad_norm"):
         assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6), key
+
+
+def _nan_teacher_every_other_step(rank, out, ckpts):
+    """Two teachers; the routing gives step 0, 2, 4, ... to 'a' (always non-finite), the others to 'b'."""
+    from opd_megatron.config import MOPDConfig, TeacherConfig
+    from opd_megatron.mopd.orchestrator import Group
+    from opd_megatron.teachers.base import TeacherError
+    from opd_megatron.train.opd import OPDTrainer
+
+    cfg = _student_cfg(out, ckpts[0], steps=8)
+    cfg.teachers = [
+        TeacherConfig(name="a", checkpoint=ckpts[0], domains=["reversal"]),
+        TeacherConfig(name="b", checkpoint=ckpts[0]),
+    ]
+    cfg.mopd = MOPDConfig(disagreement_every=0)
+    trainer = OPDTrainer(cfg)
+    real_score = trainer.teachers["a"].score
+
+    def nan_score(rows, prompts, comps):
+        t = real_score(rows, prompts, comps)
+        t.hidden_NH.fill_(float("nan"))
+        return t
+
+    trainer.teachers["a"].score = nan_score
+    turn = {"teacher": "a"}
+    real_plan = trainer.orch.plan
+    trainer.orch.plan = lambda *args: [Group(turn["teacher"], grp.indices) for grp in real_plan(*args)]
+    recs = []
+    try:
+        for step in range(8):
+            turn["teacher"] = "a" if step % 2 == 0 else "b"
+            recs.append(trainer.train_step(step))
+    except TeacherError as e:
+        return str(e), recs, dict(trainer.skipped)
+    return None, recs, dict(trainer.skipped)
+
+
+def test_a_nan_teacher_routed_every_other_step_stops_the_run_after_its_own_failures(tmp_path, teacher_ckpt):
+    err, recs, skipped = run_ranks(
+        _nan_teacher_every_other_step, 1, timeout=300, args=(str(tmp_path), teacher_ckpt)
+    )[0]
+    assert err is not None, "a teacher non-finite in every step it supervised did not stop the run"
+    assert "teacher 'a'" in err and "3 consecutive steps" in err  # steps 1, 3 and 5: its own three
+    assert [r["skipped"] for r in recs] == [True, False, True, False]  # 'b' trained in between
+    assert [r.get("teacher") for r in recs[::2]] == ["a", "a"]
+    assert skipped["nonfinite_teacher"] == 3 and skipped["nonfinite_grad"] == 0
+
+
+def _cli_last_line(rank, command, cfg_path):
+    """``opd-megatron <command> <cfg_path>`` in this process, with one step (index 1) failing: a teacher
+    that raises (``run``), or a non-finite loss (``sft``); returns the exit code and stdout."""
+    import contextlib
+    import io
+
+    from opd_megatron import cli
+    from opd_megatron.teachers import MegatronTeacher
+    from opd_megatron.teachers.base import TeacherError
+    from opd_megatron.train import opd, sft
+
+    failing = {"now": False}
+    for cls in (opd.OPDTrainer, sft.SFTRun):
+
+        def step_with_failure(self, step, real=cls.train_step):
+            failing["now"] = step == 1
+            try:
+                return real(self, step)
+            finally:
+                failing["now"] = False
+
+        cls.train_step = step_with_failure
+    real_score, real_loss = MegatronTeacher.score, sft.sft_loss
+
+    def score(self, *args, **kwargs):
+        if failing["now"]:
+            raise TeacherError(f"teacher {self.name!r}: scoring failed")
+        return real_score(self, *args, **kwargs)
+
+    def loss(output, mb):
+        total, extra = real_loss(output, mb)
+        return (total * float("nan"), extra) if failing["now"] else (total, extra)
+
+    MegatronTeacher.score, sft.sft_loss = score, loss
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main([command, cfg_path])
+    return code, out.getvalue()
+
+
+@pytest.mark.parametrize("command", ["run", "sft"])
+def test_the_cli_last_line_counts_the_skipped_steps(tmp_path, teacher_ckpt, command):
+    from opd_megatron.config import save_config
+
+    cfg = _student_cfg(str(tmp_path / "out"), teacher_ckpt[0], steps=3, eval_samples=4, eval_pass_k=0)
+    if command == "sft":
+        cfg.teachers = []
+    save_config(cfg, tmp_path / "run.yaml")
+    code, stdout = run_ranks(_cli_last_line, 1, timeout=300, args=(command, str(tmp_path / "run.yaml")))[0]
+    assert code == 0, stdout
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith(f"checkpoint: {tmp_path / 'out' / 'checkpoints' / 'step_0000003'}"), last
+    if command == "run":  # the aborted step, by its reason
+        assert "1 skipped steps: " in last and "teacher_failures 1" in last and "nonfinite_grad 0" in last, (
+            last
+        )
+    else:
+        assert last.endswith("1 skipped steps: nonfinite_grad 1)"), last

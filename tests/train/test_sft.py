@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,47 +97,117 @@ def _weights(ckpt) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def _damaged_latest_falls_back(rank, root):
-    """8 steps straight; a second run saves at 2, 4, 6, gets its newest checkpoint damaged, and resumes."""
-    import torch
-
-    from opd_megatron.models.checkpoint import CheckpointError
+def _shared_runs(rank, root):
+    """The straight 8-step run, and a 6-step one saving at steps 2, 4 and 6 (keeping two)."""
     from opd_megatron.train.sft import run_sft
 
     straight = run_sft(_config(f"{root}/straight", steps=8, eval_samples=4)).checkpoint
-    out = Path(root) / "damaged"
-    run_sft(_config(str(out), steps=6, save_every=2, keep_last=2, eval_samples=4))
-    shard = sorted((out / "checkpoints" / "step_0000006" / "model").glob("*.distcp"))[0]
-    with open(shard, "r+b") as fh:  # finite-looking garbage in the middle of the weights
-        fh.seek(shard.stat().st_size // 2)
-        fh.write(bytes(range(256)) * 16)
-    resumed = run_sft(_config(str(out), steps=8, save_every=2, keep_last=2, eval_samples=4))
+    run_sft(_config(f"{root}/saved", steps=6, save_every=2, keep_last=2, eval_samples=4))
+    return str(straight)
+
+
+@pytest.fixture(scope="module")
+def damage_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("damage")
+    straight = run_ranks(_shared_runs, 1, timeout=600, args=(str(root),))[0]
+    assert [p.name for p in sorted((root / "saved" / "checkpoints").iterdir())] == [
+        "step_0000004", "step_0000006"
+    ]  # fmt: skip
+    return root, Path(straight)
+
+
+def _resume_damaged(rank, out, straight):
+    """Resume the run in ``out`` (its newest checkpoint damaged) to step 8; the same weights as the
+    straight run? and the steps its log holds."""
+    import torch
+
+    from opd_megatron.train.sft import run_sft
+
+    resumed = run_sft(_config(out, steps=8, save_every=2, keep_last=2, eval_samples=4))
     same = all(
         torch.equal(a, b) for a, b in zip(_weights(straight).values(), _weights(resumed.checkpoint).values())
     )
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [
-        s for s, x in zip(steps, (out / "metrics.jsonl").read_text().splitlines()) if '"train"' in x
-    ]
-    # An OPD run pointed at this SFT directory must not silently resume from it.
-    from opd_megatron.config import TeacherConfig
-
-    opd_cfg = _config(str(out), steps=10)
-    opd_cfg.teachers = [TeacherConfig(name="t", checkpoint=str(resumed.checkpoint))]
-    try:
-        from opd_megatron.train.opd import OPDTrainer
-
-        OPDTrainer(opd_cfg).run()
-        mismatch = None
-    except CheckpointError as e:
-        mismatch = str(e)
-    return same, train_steps, mismatch
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return same, [r["step"] for r in rows if r["kind"] == "train"]
 
 
-def test_damaged_latest_checkpoint_falls_back_and_reproduces_the_straight_run(tmp_path):
-    same, train_steps, mismatch = run_ranks(
-        _damaged_latest_falls_back, 1, timeout=600, args=(str(tmp_path),)
-    )[0]
+def _shard(ckpt: Path) -> Path:
+    return sorted((ckpt / "model").glob("*.distcp"))[0]
+
+
+def _overwrite_middle(data: bytes):
+    def damage(ckpt: Path) -> None:
+        shard = _shard(ckpt)
+        with open(shard, "r+b") as fh:
+            fh.seek(shard.stat().st_size // 2)
+            fh.write(data)
+
+    return damage
+
+
+def _truncate_shard(ckpt: Path) -> None:
+    shard = _shard(ckpt)
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+
+
+DAMAGES = {
+    "finite garbage in a shard": _overwrite_middle(bytes(range(256)) * 16),
+    "NaN bytes in a shard": _overwrite_middle(struct.pack("<f", float("nan")) * 1024),
+    "truncated shard": _truncate_shard,
+    "empty rank state": lambda ckpt: (ckpt / "rank_state" / "rank_00000.pt").write_bytes(b""),
+    "bad meta.json": lambda ckpt: (ckpt / "meta.json").write_text('{"step": 6, '),
+    "model/.metadata deleted": lambda ckpt: (ckpt / "model" / ".metadata").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_latest_checkpoint_falls_back_and_reproduces_the_straight_run(damage_runs, tmp_path, damage):
+    root, straight = damage_runs
+    out = Path(shutil.copytree(root / "saved", tmp_path / "damaged"))
+    DAMAGES[damage](out / "checkpoints" / "step_0000006")
+    same, train_steps = run_ranks(_resume_damaged, 1, timeout=400, args=(str(out), str(straight)))[0]
     assert same, "resuming from the previous intact checkpoint did not reproduce the uninterrupted run"
     assert train_steps == list(range(1, 9)), train_steps  # steps 5, 6 replayed once, never duplicated
+
+
+def _opd_in_sft_directory(rank, out, teacher):
+    from opd_megatron.config import TeacherConfig
+    from opd_megatron.models.checkpoint import CheckpointError
+    from opd_megatron.train.opd import OPDTrainer
+
+    opd_cfg = _config(out, steps=10)
+    opd_cfg.teachers = [TeacherConfig(name="t", checkpoint=teacher)]
+    try:
+        OPDTrainer(opd_cfg).run()
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def test_an_opd_run_does_not_resume_an_sft_directory(damage_runs):
+    root, straight = damage_runs
+    mismatch = run_ranks(_opd_in_sft_directory, 1, timeout=400, args=(str(root / "saved"), str(straight)))[0]
     assert mismatch is not None and "sft" in mismatch and "opd" in mismatch, mismatch
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_with_one_line(damage_runs, tmp_path):
+    root, _ = damage_runs
+    out = Path(shutil.copytree(root / "saved", tmp_path / "damaged"))
+    for ckpt in (out / "checkpoints").iterdir():
+        DAMAGES["NaN bytes in a shard"](ckpt)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd_megatron.cli", "sft", "model.hidden_size=128", "model.max_sequence_length=32",
+         "data.domains=[reversal]", "data.train_size=64", "data.eval_size=8", "train.steps=8",
+         f"train.output_dir={out}", "train.progress=false"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: no intact checkpoint in {out / 'checkpoints'}: step_0000006 (")
+    assert "step_0000004 (" in line and "checksum mismatch" in line, line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
