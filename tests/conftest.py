@@ -30,3 +30,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
         if no_cuda is not None and "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=no_cuda))
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_mask():
+    """Child processes inherit the signal mask: a test that leaves stop signals blocked in the test
+    process must not change what later tests' subprocesses start with."""
+    import signal
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, before)

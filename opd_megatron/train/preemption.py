@@ -214,6 +214,8 @@ class PreemptionHandler:
         self._previous_mask: set[signal.Signals] | None = None
         self._receiver_stop: threading.Event | None = None
         self._receiver: threading.Thread | None = None
+        self._acted = False
+        """:meth:`finish` ran: the request was acted on, so nothing is handed to the next handler."""
 
     @classmethod
     def install(
@@ -265,7 +267,7 @@ class PreemptionHandler:
             signal.signal(sig, prev)  # type: ignore[arg-type]
         self._previous.clear()
         # After the handlers are back: a signal from now on meets them, one before is in the flag.
-        if keep_request and self.requested:
+        if keep_request and self.requested and not self._acted:
             PreemptionHandler._kept = (self._received,)
         if self._previous_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
@@ -340,6 +342,7 @@ class PreemptionHandler:
         Call it on every rank after the collective save has returned everywhere. ``rank`` defaults to the
         torch.distributed global rank (0 without torch.distributed). Exits with :data:`EXIT_PREEMPTED`.
         """
+        self._acted = True
         if rank is None:
             rank = _global_rank()
         sig = self._received.name if self._received is not None else "a stop request"

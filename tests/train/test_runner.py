@@ -80,6 +80,8 @@ _THREE_RUNS = textwrap.dedent(
     from opd_megatron.train.sft import SFTRun
 
     root = Path(sys.argv[1])
+    # Start from no blocked signals whatever the parent process had blocked (the mask is inherited).
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
     def cfg(name):
         return RunConfig(
@@ -126,6 +128,8 @@ _THREE_RUNS = textwrap.dedent(
         out["fourth"] = "finished"
     except KeyboardInterrupt:
         out["fourth"] = "interrupted"
+    # The request run three acted on is spent: a fifth run trains to the end.
+    out["fifth"] = SFTRun(cfg("five")).run().steps
     print(json.dumps(out), flush=True)
     """
 )
@@ -152,3 +156,4 @@ def test_runs_in_one_process_leave_no_blocked_signals_and_lose_no_stop_request(t
     assert not (tmp_path / "three" / "metrics.jsonl").exists()
     assert out["fourth"] == "interrupted"  # a Ctrl-C between runs is not swallowed
     assert not (tmp_path / "four").exists()
+    assert out["fifth"] == 2
