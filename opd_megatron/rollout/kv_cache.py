@@ -18,13 +18,12 @@ layers this project builds) run through it instead of Megatron's modules, with a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.distributed.pipeline import pipeline_forward
 from opd_megatron.models.gpt import output_weight, vocab_shard_range
 from opd_megatron.models.hidden import decoder_hidden_states
-from opd_megatron.rollout.lean_decode import LeanStage, lean_unsupported
+from opd_megatron.rollout.lean_decode import LeanStage, decode_linear, lean_unsupported
 from opd_megatron.rollout.vocab_parallel import mask_padded_vocab
 
 __all__ = ["CachedStage"]
@@ -102,5 +101,5 @@ class CachedStage:
         if hidden_SBH is None:
             return None
         # Only the last position predicts the next token; the head sees [B, H], not [S, B, H].
-        logits_BV = F.linear(hidden_SBH[-1], output_weight(self.model)).float()
+        logits_BV = decode_linear(hidden_SBH[-1], output_weight(self.model)).float()
         return mask_padded_vocab(logits_BV, self.shard_start, self.model.real_vocab_size)

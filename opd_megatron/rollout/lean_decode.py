@@ -28,7 +28,32 @@ import torch.nn.functional as F
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.models.attention import SDPACoreAttention, attend
 
-__all__ = ["LeanStage", "lean_unsupported"]
+__all__ = ["LeanStage", "decode_linear", "lean_unsupported"]
+
+
+# A decode step multiplies a few rows by each weight. On CPU, for a tall weight (more output than input
+# features) that is not cache-resident, ``W @ x^T`` streams the weight 1.6-3.5x faster than ``x @ W^T``
+# (measured on 2 threads: QKV and MLP-in projections of 1-3 MB with the cache flushed, output layers of
+# 16k-131k rows, 8-32 rows of input); for square, wide or small weights it gains nothing or loses a little.
+_TRANSPOSED_MIN_BYTES = 1 << 20  # more than this
+_TRANSPOSED_MAX_ROWS = 32
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a decode step's few rows, in the faster form on CPU (the same
+    product; the float rounding may differ in the last bits)."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if (
+        x.device.type != "cpu"
+        or rows > _TRANSPOSED_MAX_ROWS
+        or out_features < 2 * in_features
+        or weight.numel() * weight.element_size() <= _TRANSPOSED_MIN_BYTES
+    ):
+        return F.linear(x, weight, bias)
+    x_RI = x.reshape(rows, in_features)
+    out = (weight @ x_RI.t()).t().contiguous().view(*x.shape[:-1], out_features)
+    return out + bias if bias is not None else out
 
 
 def _layer_unsupported(layer) -> str | None:
@@ -178,7 +203,7 @@ class LeanStage:
         attn = layer.self_attention
         b, s, _ = x_BSH.shape
         d, per_group = self.head_dim, self.heads // self.kv_groups
-        qkv = F.linear(x_BSH, attn.linear_qkv.weight, attn.linear_qkv.bias)
+        qkv = decode_linear(x_BSH, attn.linear_qkv.weight, attn.linear_qkv.bias)
         # Megatron's fused layout: per query group, its query heads, then one key and one value head.
         q, k, v = qkv.view(b, s, self.kv_groups, (per_group + 2) * d).split([per_group * d, d, d], dim=-1)
         q = q.reshape(b, s, self.heads, d)
@@ -203,7 +228,7 @@ class LeanStage:
         return out + attn.linear_proj.bias if attn.linear_proj.bias is not None else out
 
     def _mlp(self, mlp, x_BSH) -> torch.Tensor:
-        y = F.linear(x_BSH, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+        y = decode_linear(x_BSH, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
         act = mlp.config.activation_func
         if mlp.config.gated_linear_unit:
             y_glu, y_linear = torch.chunk(y, 2, dim=-1)

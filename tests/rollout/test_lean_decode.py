@@ -126,3 +126,24 @@ def test_prepare_grows_and_reuses_the_cache(groups):
     assert stage.caches[0][0] is first and stage.offset == 0
     stage.prepare(4, 8)  # more rows: grows to cover both shapes
     assert stage.caches[0][0].shape[0] == 4 and stage.caches[0][0].shape[2] == 10
+
+
+@pytest.mark.parametrize(
+    "rows, out_features, in_features, bias",
+    [(8, 4096, 128, False), (3, 2048, 384, True), (8, 384, 384, False), (64, 4096, 128, True)],
+)
+def test_decode_linear_is_the_same_product(rows, out_features, in_features, bias):
+    """Whichever form it picks (``W @ x^T`` for a tall weight over 1 MiB and a few rows on CPU), the
+    product equals ``F.linear``; for shapes it leaves alone, bit for bit."""
+    from opd_megatron.rollout.lean_decode import decode_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 1, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    out, ref = decode_linear(x, w, b), torch.nn.functional.linear(x, w, b)
+    assert out.shape == ref.shape == (rows, 1, out_features) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    transposed = rows <= 32 and out_features >= 2 * in_features and w.numel() * 4 > 1 << 20
+    if not transposed:
+        assert torch.equal(out, ref)
