@@ -214,14 +214,9 @@ class LeanStage:
         k_cache, v_cache = self.caches[index]
         k_cache[:b, :, start:end] = _rotate(k, cos, sin).transpose(1, 2)
         v_cache[:b, :, start:end] = v.transpose(1, 2)
-        dropout = 0.0
+        # Decoding runs in eval mode: no attention dropout (attend's default).
         out_BHSD = attend(
-            q_BHSD,
-            k_cache[:b, :, :end],
-            v_cache[:b, :, :end],
-            mask,
-            attn.core_attention.softmax_scale,
-            dropout,
+            q_BHSD, k_cache[:b, :, :end], v_cache[:b, :, :end], mask, attn.core_attention.softmax_scale
         )
         out = F.linear(out_BHSD.transpose(1, 2).reshape(b, s, -1), attn.linear_proj.weight)
         out = self._all_reduce(out)

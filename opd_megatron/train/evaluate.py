@@ -19,7 +19,8 @@ import torch
 from opd_megatron.config import ConfigError, LossConfig
 from opd_megatron.data.domains import verify
 from opd_megatron.data.jsonl import PromptRow
-from opd_megatron.data.render import completion_end_ids
+from opd_megatron.data.render import PromptRenderer, completion_end_ids
+from opd_megatron.data.rows import DataError, RowErrors
 from opd_megatron.distributed import ParallelGroups
 from opd_megatron.distributed.pipeline import broadcast_from_last_stage
 from opd_megatron.mopd.orchestrator import is_remote
@@ -54,9 +55,6 @@ def check_teacher_prompts(teachers: dict, train_rows, eval_rows: dict, max_new_t
     one, leaves room for ``rollout.max_new_tokens`` in its context: checked before training, so a row a
     teacher's template rejects stops the run at start-up (naming the teacher, file and line) instead of
     failing a step later."""
-    from opd_megatron.data.render import PromptRenderer
-    from opd_megatron.data.rows import DataError, RowErrors
-
     rows = list(train_rows) + [r for rs in eval_rows.values() for r in rs]
     for name, t in teachers.items():
         if not isinstance(t, CrossTokenizerTeacher) or not isinstance(t.teacher_prompt, PromptRenderer):
