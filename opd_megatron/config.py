@@ -429,6 +429,11 @@ class LossConfig:
     """Multiply the loss by T^2 (Hinton) so gradient size does not shrink with T."""
     chunk_size: int = 1024
     """Tokens per chunk in the fused vocab-parallel loss."""
+    compile_block: Literal["auto", "always", "never"] = "auto"
+    """Fused loss on one CPU process: run each row block's softmax and divergence work as one
+    ``torch.compile``-d function (about half the eager time at large vocabularies, after seconds of
+    compiling per setting). ``auto``: at a vocabulary of 16384 or more in fp32, eager if compiling
+    fails; ``always``: compile errors stop the run; ``never``: eager. No effect on GPU or under TP."""
     objective: str = "divergence"
     """One of :data:`OBJECTIVES`: ``divergence``, the full-vocab fused divergence; ``opsd``, the same
     with a per-token clip; or a sampled-token objective (:data:`SAMPLED_OBJECTIVES`)."""

@@ -2,6 +2,7 @@
 
 - :mod:`~opd_megatron.losses.divergences`: reference divergences on full log-prob tensors (ground truth).
 - :mod:`~opd_megatron.losses.fused_kl`: fused linear vocab-parallel divergence (the training path).
+- :mod:`~opd_megatron.losses.compiled_block`: the fused loss's row block as one compiled function (CPU).
 - :mod:`~opd_megatron.losses.topk`: sparse top-k path for teachers that return top-k log-probs.
 - :mod:`~opd_megatron.losses.objectives`: token-level OPD objectives on sampled tokens.
 - :mod:`~opd_megatron.losses.reduce`: masks and reductions shared by all of them.

@@ -20,6 +20,8 @@ student probabilities, ``m`` the mixture of the divergence):
 
 The functions write only into the two work buffers they are given (no allocation of ``[C, V]``
 tensors: on CPU a fresh large allocation costs more than the arithmetic, on GPU it is just waste).
+Given ``None`` for both, they work on temporaries instead: that is how the compiled row block
+(:mod:`opd_megatron.losses.compiled_block`) uses them, where Inductor never materialises them.
 They are checked against autograd through the reference divergences in the tests.
 """
 
@@ -32,8 +34,9 @@ __all__ = ["pointwise"]
 
 def _mix_into(out, w_a: float, a, b):
     """out = max(w_a * a + (1 - w_a) * b, tiny); the floor keeps log(out) finite where both are 0.
-    One ``lerp`` pass (``b + w_a (a - b)``) instead of a multiply and an add."""
-    return torch.lerp(b, a, w_a, out=out).clamp_min_(torch.finfo(out.dtype).tiny)
+    One ``lerp`` pass (``b + w_a (a - b)``) instead of a multiply and an add. ``out=None``: a new tensor."""
+    m = torch.lerp(b, a, w_a, out=out)
+    return m.clamp_min_(torch.finfo(m.dtype).tiny)
 
 
 def pointwise(
@@ -42,8 +45,8 @@ def pointwise(
     ls: torch.Tensor,
     p: torch.Tensor,
     q: torch.Tensor,
-    work1: torch.Tensor,
-    work2: torch.Tensor,
+    work1: torch.Tensor | None,
+    work2: torch.Tensor | None,
     *,
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
