@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -375,6 +376,35 @@ def _print_shape(shape, rows: dict, targets: list[dict]) -> None:
         print(f"  {t['target']}: {t['value']:.2f} (limit {t['limit']}) -> {verdict}")
 
 
+def _summary(rounds: list[dict]) -> dict:
+    """Per variant: its wall and CPU time over the same round's floor, median and range over rounds."""
+    out = {}
+    for name in rounds[0]["variants"]:
+        ratios = {"wall_s": [], "time_s": []}
+        for r in rounds:
+            mine, floor = r["variants"].get(name) or {}, r["variants"].get("floor") or {}
+            if "error" in mine or "error" in floor or not floor:
+                continue
+            for key in ratios:
+                ratios[key].append(mine[key] / floor[key])
+        if ratios["wall_s"]:
+            out[name] = {
+                f"{key}_x_floor": dict(median=statistics.median(v), min=min(v), max=max(v), rounds=v)
+                for key, v in ratios.items()
+            }
+    return out
+
+
+def _print_summary(summary: dict) -> None:
+    print("\nx floor over rounds (median, range; each round against its own floor run):")
+    for name, s in summary.items():
+        w, c = s["wall_s_x_floor"], s["time_s_x_floor"]
+        print(
+            f"  {name:<15} wall {w['median']:.3f} ({w['min']:.3f}-{w['max']:.3f})   "
+            f"cpu {c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})"
+        )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one small shape, to check the script works")
@@ -383,6 +413,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="runs of every variant, in rotating order; medians over rounds"
+    )
     p.add_argument("--divergence", default="jsd")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--chunk", type=int, default=0, help="tokens per chunk for ours and the floor (0: auto)")
@@ -413,19 +446,31 @@ def main(argv=None) -> int:
     report = dict(
         settings=dict(
             threads=args.threads, iters=args.iters, divergence=args.divergence, beta=args.beta, chunk=args.chunk,
-            block=args.block, timing_malloc=args.timing_malloc,
+            block=args.block, timing_malloc=args.timing_malloc, rounds=args.rounds,
             dtype="float32", device="cpu", machine=platform.machine(), cpus=os.cpu_count(),
         ),
         results=[],
     )  # fmt: skip
     for shape in shapes:
-        rows = {}
-        for variant in args.variants:
-            print(f"running {variant} at T,H,V={shape} ...", file=sys.stderr, flush=True)
-            rows[variant] = _launch(variant, shape, args)
-        targets = _targets(rows)
-        _print_shape(shape, rows, targets)
-        report["results"].append(dict(T=shape[0], H=shape[1], V=shape[2], variants=rows, targets=targets))
+        rounds = []
+        for k in range(args.rounds):
+            # the order of the variants rotates between rounds, so a drift of the machine's speed
+            # does not always favour the same one
+            order = args.variants[k % len(args.variants) :] + args.variants[: k % len(args.variants)]
+            rows = {}
+            for variant in order:
+                print(f"round {k + 1}: running {variant} at T,H,V={shape} ...", file=sys.stderr, flush=True)
+                rows[variant] = _launch(variant, shape, args)
+            targets = _targets(rows)
+            _print_shape(shape, rows, targets)
+            rounds.append(dict(order=order, variants=rows, targets=targets))
+        summary = _summary(rounds)
+        if args.rounds > 1:
+            _print_summary(summary)
+        report["results"].append(
+            dict(T=shape[0], H=shape[1], V=shape[2], variants=rounds[0]["variants"], targets=rounds[0]["targets"],
+                 rounds=rounds, summary=summary)
+        )  # fmt: skip
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
