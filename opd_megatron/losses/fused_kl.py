@@ -393,6 +393,50 @@ class FusedLinearDivergence(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _teacher_inputs(hidden, weight_VH, teacher_hidden_TH, teacher_weight_VH, teacher_logits_TV):
+    """Check the student's weight and the teacher's inputs against ``hidden`` ``[T, H]``; returns the
+    teacher's ``(hidden [T, H_T], weight [V/tp, H_T], logits [T, V/tp])``, detached, two of them None."""
+    T, V_local = hidden.shape[0], weight_VH.shape[0]
+    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"student weight {tuple(weight_VH.shape)} does not match hidden size {hidden.shape[1]}"
+        )
+    if (teacher_logits_TV is None) == (teacher_hidden_TH is None or teacher_weight_VH is None):
+        raise ValueError("give the teacher as teacher_hidden_TH + teacher_weight_VH, or as teacher_logits_TV")
+    if teacher_logits_TV is not None:
+        t_logits = teacher_logits_TV.detach().reshape(-1, teacher_logits_TV.shape[-1])
+        if t_logits.shape != (T, V_local):
+            raise ValueError(f"teacher logits {tuple(t_logits.shape)} != (tokens, V/tp) = {(T, V_local)}")
+        return None, None, t_logits
+    t_hidden = teacher_hidden_TH.detach().reshape(-1, teacher_hidden_TH.shape[-1])
+    if t_hidden.shape[0] != T or teacher_weight_VH.shape != (V_local, t_hidden.shape[1]):
+        raise ValueError(
+            f"teacher hidden {tuple(t_hidden.shape)} / weight {tuple(teacher_weight_VH.shape)} do not match "
+            f"{T} tokens and a vocabulary shard of {V_local}"
+        )
+    return t_hidden, teacher_weight_VH.detach(), None
+
+
+def _loss_weights(hidden, mask_T, normaliser) -> torch.Tensor:
+    """``[T]`` loss weights ``mask / normaliser`` in the loss dtype (exact 1/N in float64); a
+    normaliser of None is the mask's sum (1 when that is 0)."""
+    T = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights_T = (
+        torch.ones(T, dtype=acc, device=hidden.device) if mask_T is None else mask_T.reshape(-1).to(acc)
+    )
+    if weights_T.shape[0] != T:
+        raise ValueError(f"mask has {weights_T.shape[0]} tokens, hidden states have {T}")
+    if normaliser is None:
+        total = weights_T.sum()
+        normaliser = torch.where(total > 0, total, torch.ones_like(total))
+    elif not torch.is_tensor(normaliser) and not normaliser > 0:
+        raise ValueError(f"normaliser must be > 0, got {normaliser!r}")
+    elif torch.is_tensor(normaliser):
+        normaliser = normaliser.to(acc)
+    return weights_T / normaliser
+
+
 def fused_linear_divergence(
     hidden_TH: torch.Tensor,
     weight_VH: torch.Tensor,
@@ -453,46 +497,15 @@ def fused_linear_divergence(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     lead = hidden_TH.shape[:-1]
     hidden = hidden_TH.reshape(-1, hidden_TH.shape[-1])
-    T, V_local = hidden.shape[0], weight_VH.shape[0]
-    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"student weight {tuple(weight_VH.shape)} does not match hidden size {hidden.shape[1]}"
-        )
-    if (teacher_logits_TV is None) == (teacher_hidden_TH is None or teacher_weight_VH is None):
-        raise ValueError("give the teacher as teacher_hidden_TH + teacher_weight_VH, or as teacher_logits_TV")
-    t_hidden = t_logits = None
-    if teacher_logits_TV is not None:
-        t_logits = teacher_logits_TV.detach().reshape(-1, teacher_logits_TV.shape[-1])
-        if t_logits.shape != (T, V_local):
-            raise ValueError(f"teacher logits {tuple(t_logits.shape)} != (tokens, V/tp) = {(T, V_local)}")
-    else:
-        t_hidden = teacher_hidden_TH.detach().reshape(-1, teacher_hidden_TH.shape[-1])
-        if t_hidden.shape[0] != T or teacher_weight_VH.shape != (V_local, t_hidden.shape[1]):
-            raise ValueError(
-                f"teacher hidden {tuple(t_hidden.shape)} / weight {tuple(teacher_weight_VH.shape)} do not match "
-                f"{T} tokens and a vocabulary shard of {V_local}"
-            )
-        teacher_weight_VH = teacher_weight_VH.detach()
+    t_hidden, teacher_weight_VH, t_logits = _teacher_inputs(
+        hidden, weight_VH, teacher_hidden_TH, teacher_weight_VH, teacher_logits_TV
+    )
+    V_local = weight_VH.shape[0]
     if vocab_size is not None and not 0 < vocab_size <= V_local * tp_size(tp_group):
         raise ValueError(f"vocab_size {vocab_size} is not in (0, {V_local * tp_size(tp_group)}]")
     if token_clip is not None and not token_clip > 0:
         raise ValueError(f"token_clip must be > 0, got {token_clip}")
-
-    # The loss dtype: the loss weights mask / normaliser are formed in it (exact 1/N in float64).
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    weights_T = (
-        torch.ones(T, dtype=acc, device=hidden.device) if mask_T is None else mask_T.reshape(-1).to(acc)
-    )
-    if weights_T.shape[0] != T:
-        raise ValueError(f"mask has {weights_T.shape[0]} tokens, hidden states have {T}")
-    if normaliser is None:
-        total = weights_T.sum()
-        normaliser = torch.where(total > 0, total, torch.ones_like(total))
-    elif not torch.is_tensor(normaliser) and not normaliser > 0:
-        raise ValueError(f"normaliser must be > 0, got {normaliser!r}")
-    elif torch.is_tensor(normaliser):
-        normaliser = normaliser.to(acc)
-    coef_T = weights_T / normaliser
+    coef_T = _loss_weights(hidden, mask_T, normaliser)
 
     if chunk_size is None:
         chunk_size = auto_chunk_size(V_local)

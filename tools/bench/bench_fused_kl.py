@@ -405,6 +405,29 @@ def _print_summary(summary: dict) -> None:
         )
 
 
+def _run_shape(shape, args) -> dict:
+    """Every variant at one shape, ``args.rounds`` times; the result entry of the JSON report."""
+    rounds = []
+    for k in range(args.rounds):
+        # the order of the variants rotates between rounds, so a drift of the machine's speed
+        # does not always favour the same one
+        order = args.variants[k % len(args.variants) :] + args.variants[: k % len(args.variants)]
+        rows = {}
+        for variant in order:
+            print(f"round {k + 1}: running {variant} at T,H,V={shape} ...", file=sys.stderr, flush=True)
+            rows[variant] = _launch(variant, shape, args)
+        targets = _targets(rows)
+        _print_shape(shape, rows, targets)
+        rounds.append(dict(order=order, variants=rows, targets=targets))
+    summary = _summary(rounds)
+    if args.rounds > 1:
+        _print_summary(summary)
+    return dict(
+        T=shape[0], H=shape[1], V=shape[2], variants=rounds[0]["variants"], targets=rounds[0]["targets"],
+        rounds=rounds, summary=summary,
+    )  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one small shape, to check the script works")
@@ -452,25 +475,7 @@ def main(argv=None) -> int:
         results=[],
     )  # fmt: skip
     for shape in shapes:
-        rounds = []
-        for k in range(args.rounds):
-            # the order of the variants rotates between rounds, so a drift of the machine's speed
-            # does not always favour the same one
-            order = args.variants[k % len(args.variants) :] + args.variants[: k % len(args.variants)]
-            rows = {}
-            for variant in order:
-                print(f"round {k + 1}: running {variant} at T,H,V={shape} ...", file=sys.stderr, flush=True)
-                rows[variant] = _launch(variant, shape, args)
-            targets = _targets(rows)
-            _print_shape(shape, rows, targets)
-            rounds.append(dict(order=order, variants=rows, targets=targets))
-        summary = _summary(rounds)
-        if args.rounds > 1:
-            _print_summary(summary)
-        report["results"].append(
-            dict(T=shape[0], H=shape[1], V=shape[2], variants=rounds[0]["variants"], targets=rounds[0]["targets"],
-                 rounds=rounds, summary=summary)
-        )  # fmt: skip
+        report["results"].append(_run_shape(shape, args))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
