@@ -27,6 +27,8 @@ They are checked against autograd through the reference divergences in the tests
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 __all__ = ["pointwise"]
@@ -68,71 +70,106 @@ def pointwise(
         name = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
     if name in ("skew_forward_kl", "skew_reverse_kl") and skew_alpha == 0.0:
         name = name.removeprefix("skew_")
-    val = g = None
-
-    if name == "forward_kl":
-        if value:
-            d = torch.sub(lt, ls, out=work1)
-            if guard:
-                d.masked_fill_(p == 0, 0.0)
-            val = d.mul_(p).sum(dim=-1)
-        if grad:
-            g = torch.neg(p, out=work1)
-
-    elif name == "reverse_kl":
-        r = torch.sub(ls, lt, out=work1)
-        if guard:
-            r.masked_fill_(q == 0, 0.0)
-        qr = r.mul_(q)
-        if value:
-            val = qr.sum(dim=-1)
-        if grad:
-            g = qr.add_(q)  # q (l_S - l_T + 1)
-
-    elif name == "jsd":
-        beta = jsd_beta
-        log_m = _mix_into(work2, beta, p, q).log_()
-        if value:
-            d = torch.sub(lt, log_m, out=work1)
-            if guard:
-                d.masked_fill_(p == 0, 0.0)
-            val = beta * d.mul_(p).sum(dim=-1)
-        # finite: log m >= log((1-beta) q) and log m >= log(tiny)
-        qd = torch.sub(ls, log_m, out=work1).mul_(q)
-        if value:
-            val = val + (1.0 - beta) * qd.sum(dim=-1)
-        if grad:
-            g = qd.mul_(1.0 - beta)
-
-    elif name == "skew_forward_kl":
-        alpha = skew_alpha
-        m = _mix_into(work2, alpha, p, q)
-        if value:
-            d = torch.log(m, out=work1).neg_().add_(lt)
-            if guard:
-                d.masked_fill_(p == 0, 0.0)
-            val = d.mul_(p).sum(dim=-1)
-        if grad:
-            g = torch.mul(p, q, out=work1).div_(m).mul_(-(1.0 - alpha))
-
-    elif name == "skew_reverse_kl":
-        alpha = skew_alpha
-        m = _mix_into(work2, alpha, q, p)
-        r = torch.log(m, out=work1).neg_().add_(ls)  # finite: m >= alpha q and m >= tiny
-        if value:
-            val = torch.linalg.vecdot(q, r)
-        if grad:
-            # q (r + 1 - alpha q / m) in this order: expanding it into q r + q - ... loses precision
-            ratio = torch.div(q, m, out=work2).mul_(alpha)
-            g = r.add_(1.0).sub_(ratio).mul_(q)
-
-    elif name == "tv":
-        d = torch.sub(q, p, out=work1)
-        if value:
-            val = 0.5 * torch.abs(d, out=work2).sum(dim=-1)
-        if grad:
-            g = torch.sign(d, out=work1).mul_(q).mul_(0.5)
-
-    else:
+    term = _TERMS.get(name)
+    if term is None:
         raise ValueError(f"unknown divergence {name!r}")
+    weight = jsd_beta if name == "jsd" else skew_alpha
+    return term(_Args(lt, ls, p, q, work1, work2, value, grad, guard), weight)
+
+
+class _Args(NamedTuple):
+    lt: torch.Tensor
+    ls: torch.Tensor
+    p: torch.Tensor
+    q: torch.Tensor
+    work1: torch.Tensor | None
+    work2: torch.Tensor | None
+    value: bool
+    grad: bool
+    guard: bool
+
+
+def _forward_kl(a: _Args, _weight: float):
+    val = g = None
+    if a.value:
+        d = torch.sub(a.lt, a.ls, out=a.work1)
+        if a.guard:
+            d.masked_fill_(a.p == 0, 0.0)
+        val = d.mul_(a.p).sum(dim=-1)
+    if a.grad:
+        g = torch.neg(a.p, out=a.work1)
     return val, g
+
+
+def _reverse_kl(a: _Args, _weight: float):
+    r = torch.sub(a.ls, a.lt, out=a.work1)
+    if a.guard:
+        r.masked_fill_(a.q == 0, 0.0)
+    qr = r.mul_(a.q)
+    val = qr.sum(dim=-1) if a.value else None
+    g = qr.add_(a.q) if a.grad else None  # q (l_S - l_T + 1)
+    return val, g
+
+
+def _jsd(a: _Args, beta: float):
+    val = g = None
+    log_m = _mix_into(a.work2, beta, a.p, a.q).log_()
+    if a.value:
+        d = torch.sub(a.lt, log_m, out=a.work1)
+        if a.guard:
+            d.masked_fill_(a.p == 0, 0.0)
+        val = beta * d.mul_(a.p).sum(dim=-1)
+    # finite: log m >= log((1-beta) q) and log m >= log(tiny)
+    qd = torch.sub(a.ls, log_m, out=a.work1).mul_(a.q)
+    if a.value:
+        val = val + (1.0 - beta) * qd.sum(dim=-1)
+    if a.grad:
+        g = qd.mul_(1.0 - beta)
+    return val, g
+
+
+def _skew_forward_kl(a: _Args, alpha: float):
+    val = g = None
+    m = _mix_into(a.work2, alpha, a.p, a.q)
+    if a.value:
+        d = torch.log(m, out=a.work1).neg_().add_(a.lt)
+        if a.guard:
+            d.masked_fill_(a.p == 0, 0.0)
+        val = d.mul_(a.p).sum(dim=-1)
+    if a.grad:
+        g = torch.mul(a.p, a.q, out=a.work1).div_(m).mul_(-(1.0 - alpha))
+    return val, g
+
+
+def _skew_reverse_kl(a: _Args, alpha: float):
+    val = g = None
+    m = _mix_into(a.work2, alpha, a.q, a.p)
+    r = torch.log(m, out=a.work1).neg_().add_(a.ls)  # finite: m >= alpha q and m >= tiny
+    if a.value:
+        val = torch.linalg.vecdot(a.q, r)
+    if a.grad:
+        # q (r + 1 - alpha q / m) in this order: expanding it into q r + q - ... loses precision
+        ratio = torch.div(a.q, m, out=a.work2).mul_(alpha)
+        g = r.add_(1.0).sub_(ratio).mul_(a.q)
+    return val, g
+
+
+def _tv(a: _Args, _weight: float):
+    val = g = None
+    d = torch.sub(a.q, a.p, out=a.work1)
+    if a.value:
+        val = 0.5 * torch.abs(d, out=a.work2).sum(dim=-1)
+    if a.grad:
+        g = torch.sign(d, out=a.work1).mul_(a.q).mul_(0.5)
+    return val, g
+
+
+_TERMS = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "skew_forward_kl": _skew_forward_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+    "tv": _tv,
+}
+"""One function per divergence: ``(args, its weight: beta or alpha) -> (value sums, g)``."""
