@@ -26,6 +26,8 @@ passes then read and write cache, not memory, and the per-block work buffers are
 memory is then the ``[C, V/n]`` student buffer (plus one for the teacher's logits when it is given as
 hidden states), the ``[V/n, H]`` weight-gradient accumulator and ``grad_h``. On a GPU, or under TP
 (where every block costs collectives), a block is the whole chunk: six ``[C, V/n]`` buffers.
+At large vocabularies a full CPU block's work runs as one ``torch.compile``-d function instead of the
+eager passes (:mod:`~opd_megatron.losses.compiled_block`; the ``compile`` argument).
 
 Tokens with mask weight 0 are dropped before any matmul (prompt tokens cost nothing), so an all-masked
 batch gives a zero loss and zero gradients. Padded vocabulary rows (global index >= ``vocab_size``)
