@@ -6,14 +6,12 @@ tests/models/test_checkpoint_integrity.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from opd_megatron.cli import main
+from tests.cli_process import one_error_line, run_cli
 
 # (override, the field path the message must name)
 CONFIG_CASES = [
@@ -221,18 +219,10 @@ def test_bad_data_row_names_file_and_line_and_trains_nothing(row, needle, tmp_pa
     good = '{"prompt": "reverse ab=", "domain": "reversal", "reference": "ba"}'
     path.write_text("\n".join([good, good, row]) + "\n")
     out = tmp_path / "out"
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "opd_megatron.cli", "sft", f"data.train_path={path}", "data.domains=[]",
-         "train.steps=2", f"train.output_dir={out}", "train.progress=false"],
-        capture_output=True, text=True, timeout=240, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 2, (row, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli("sft", f"data.train_path={path}", "data.domains=[]", "train.steps=2",
+                   f"train.output_dir={out}", "train.progress=false")  # fmt: skip
     # A data error (DataError), not a configuration error: the CLI's "error:" prefix, on one line.
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    line = one_error_line(proc)
     assert line.startswith("error: "), proc.stderr
     assert f"{path}:3" in line and needle in line, (row, proc.stderr)
     assert not Path(out, "checkpoints").exists()
@@ -257,18 +247,10 @@ def test_an_eval_prompt_longer_than_the_context_is_named_before_training(command
         f'{{"prompt": "{long_prompt}", "domain": "reversal", "reference": "x"}}\n'
     )
     out = tmp_path / "out"
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "opd_megatron.cli", *_LONG_EVAL_RUNS[command], f"data.train_path={train}",
-         f"data.eval_path={held_out}", "data.domains=[]", "model.max_sequence_length=32", "train.steps=2",
-         "train.micro_batch_size=2", f"train.output_dir={out}", "train.progress=false"],
-        capture_output=True, text=True, timeout=240, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    proc = run_cli(*_LONG_EVAL_RUNS[command], f"data.train_path={train}", f"data.eval_path={held_out}",
+                   "data.domains=[]", "model.max_sequence_length=32", "train.steps=2", "train.micro_batch_size=2",
+                   f"train.output_dir={out}", "train.progress=false")  # fmt: skip
+    line = one_error_line(proc)
     assert line.startswith(f"error: {held_out}:2: the prompt is 70 tokens, longer than"), proc.stderr
     assert "model.max_sequence_length=32" in line
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

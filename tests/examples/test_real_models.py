@@ -4,13 +4,13 @@ run reuses the cached conversion; bad Hugging Face inputs are one-line errors.""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_process import launcher_free_env, run_cli
 from tests.hf_model_dirs import break_hf_dir
 from tests.multirank import run_ranks
 
@@ -18,16 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "real_models" / "run.py"
 
 
-def _env() -> dict:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
 def _cli(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "opd_megatron.cli", *args], capture_output=True, text=True, timeout=timeout,
-        env=_env(), cwd=ROOT,
-    )  # fmt: skip
+    return run_cli(*args, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def example(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("real_models")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), "--out", str(root), "--sft-steps", "40", "--opd-steps", "6"],
-        capture_output=True, text=True, timeout=1500, env=_env(), cwd=ROOT,
+        capture_output=True, text=True, timeout=1500, env=launcher_free_env(), cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root

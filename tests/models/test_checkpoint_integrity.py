@@ -23,6 +23,7 @@ from opd_megatron.models.checkpoint import (
     verify_checkpoint,
 )
 from opd_megatron.models.manifest import MANIFEST_NAME
+from tests.cli_process import one_error_line, run_cli
 from tests.multirank import run_ranks
 
 SMALL = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, max_sequence_length=32)
@@ -390,27 +391,16 @@ _LOAD_AS = {
 
 @pytest.mark.parametrize("role", list(_LOAD_AS))
 def test_a_checkpoint_changed_in_place_is_refused_when_loaded(root, tmp_path, role):
-    import os
-    import subprocess
-    import sys
 
     ckpt = root / "step_0000003"
     _overwrite("model/__0_0.distcp", FINITE_4K)(ckpt)
     out = tmp_path / "out"
     model = [f"model.{k}={v}" for k, v in SMALL.__dict__.items() if k in ("num_layers", "hidden_size",
              "num_attention_heads", "max_sequence_length")]  # fmt: skip
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "opd_megatron.cli", *_LOAD_AS[role](ckpt), *model, "rollout.max_new_tokens=8",
-         "data.domains=[reversal]", "data.train_size=64", "data.eval_size=8", "train.steps=2",
-         f"train.output_dir={out}", "train.progress=false"],
-        capture_output=True, text=True, timeout=240, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    proc = run_cli(*_LOAD_AS[role](ckpt), *model, "rollout.max_new_tokens=8", "data.domains=[reversal]",
+                   "data.train_size=64", "data.eval_size=8", "train.steps=2", f"train.output_dir={out}",
+                   "train.progress=false")  # fmt: skip
+    line = one_error_line(proc)
     assert line.startswith("error: "), line
     assert f"checkpoint {ckpt} is damaged: model/__0_0.distcp: checksum mismatch (sha256 " in line
     assert ("teachers[0]: teacher 't'" in line) == (role == "teacher")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_process import one_error_line, run_cli
 from tests.multirank import run_ranks
 
 
@@ -196,18 +194,10 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_with_one_line(damage_runs
     out = Path(shutil.copytree(root / "saved", tmp_path / "damaged"))
     for ckpt in (out / "checkpoints").iterdir():
         DAMAGES["NaN bytes in a shard"](ckpt)
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "opd_megatron.cli", "sft", "model.hidden_size=128", "model.max_sequence_length=32",
-         "data.domains=[reversal]", "data.train_size=64", "data.eval_size=8", "train.steps=8",
-         f"train.output_dir={out}", "train.progress=false"],
-        capture_output=True, text=True, timeout=240, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    proc = run_cli("sft", "model.hidden_size=128", "model.max_sequence_length=32", "data.domains=[reversal]",
+                   "data.train_size=64", "data.eval_size=8", "train.steps=8", f"train.output_dir={out}",
+                   "train.progress=false")  # fmt: skip
+    line = one_error_line(proc)
     assert line.startswith(f"error: no intact checkpoint in {out / 'checkpoints'}: step_0000006 (")
     assert "step_0000004 (" in line and "checksum mismatch" in line, line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
